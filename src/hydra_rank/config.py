@@ -1,0 +1,212 @@
+"""Run configuration: nested dataclasses, read from YAML, overridden with `--set key=value`, validated up front.
+
+The defaults *are* the embedded demo (uniform LoRA r=4 on the built-in tiny VLM and easy-VQA), so a config file only
+lists what differs. Every key is checked before any model is loaded: an unknown key, a wrong type or an out-of-range
+value is one `ConfigError` that names the key and suggests the fix, not a failure an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
+
+DATASETS = ("easy-vqa", "llava-json")
+METHODS = ("lora",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = TINY_VLM  # "builtin:tiny-vlm", "builtin:smollm2", a local directory or a hub id
+    dtype: str = "float32"
+    trust_remote_code: bool = False  # only ever passed to transformers when set here
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "easy-vqa"  # or "llava-json"
+    train_path: str | None = None  # llava-json: .json list or .jsonl file
+    eval_path: str | None = None
+    image_root: str | None = None  # folder image paths are relative to (default: the data file's folder)
+    train_samples: int | None = None  # use a random subset of this size (None: all)
+    eval_samples: int | None = 256  # evaluate on the first N of a fixed shuffle (None: all)
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: whatever the chat template does by default
+    max_length: int = 256
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "lora"
+    rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
+    alpha: float = 8.0  # LoRA scale is alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # short names (q_proj, ...); None: every linear of every decoder layer
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    eval_every: int = 0  # steps between eval-loss checks during training (0: only at the end)
+    output_dir: str = "runs/tiny-lora"
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    max_new_tokens: int = 8
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _suggest(key: str, options: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" Did you mean {prefix + close[0]!r}?" if close else f" Valid keys: {', '.join(options)}."
+
+
+def _as_float(value: Any) -> float | None:
+    """Numbers, and strings such as "1e-3" that PyYAML (YAML 1.1) leaves as text for lack of a decimal point."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return `value` if it fits the type hint (ints and "1e-3" are accepted where floats are expected), else raise."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        origin = typing.get_origin(option)
+        if (
+            origin is list
+            and isinstance(value, list)
+            and all(isinstance(v, typing.get_args(option)[0]) for v in value)
+        ):
+            return value
+        if option is float and _as_float(value) is not None:
+            return _as_float(value)
+        if option in (int, str, bool) and type(value) is option:
+            return value
+    names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}.{_suggest(key, names, prefix)}")
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _build(hints[key], value, f"{path}.")
+        else:
+            values[key] = _check_type(value, hints[key], path)
+    return cls(**values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Range and consistency checks that types alone cannot express."""
+    d, a, t = config.data, config.adapter, config.train
+    _require(config.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
+    _require(d.dataset in DATASETS, f"data.dataset must be one of {DATASETS}, got {d.dataset!r}")
+    if d.dataset == "llava-json":
+        _require(
+            bool(d.train_path and d.eval_path), "data.dataset llava-json needs data.train_path and data.eval_path"
+        )
+    for key in ("train_samples", "eval_samples"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key} must be at least 1 (or null for all), got {value}")
+    _require(d.max_length >= 8, f"data.max_length must be at least 8, got {d.max_length}")
+    _require(a.method in METHODS, f"adapter.method must be one of {METHODS}, got {a.method!r}")
+    _require(a.rank >= 1, f"adapter.rank must be at least 1, got {a.rank}")
+    _require(a.alpha > 0, f"adapter.alpha must be positive, got {a.alpha}")
+    _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
+    _require(
+        a.target_modules is None or len(a.target_modules) > 0, "adapter.target_modules is empty; use null for all"
+    )
+    for key in ("max_steps", "batch_size", "grad_accum"):
+        _require(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
+    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _require(t.warmup_steps >= 0 and t.eval_every >= 0, "train.warmup_steps and train.eval_every must be >= 0")
+    _require(config.eval.batch_size >= 1 and config.eval.max_new_tokens >= 1, "eval sizes must be at least 1")
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001); the value is parsed as YAML (numbers, null, lists...)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-3), got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Build and validate a config from nested dicts plus `key=value` overrides (which win)."""
+    merged: dict[str, Any] = {key: dict(value) if isinstance(value, dict) else value for key, value in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {part!r} is not a section")
+        node[path[-1]] = value
+    return validate(_build(RunConfig, merged, ""))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from the defaults when `path` is None) and apply overrides."""
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return from_dict(data, overrides)

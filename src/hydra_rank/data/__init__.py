@@ -1,0 +1,49 @@
+"""Datasets: readers that yield `Sample`s, and the encoder that turns them into tensors."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from torch.utils.data import Dataset
+
+from ..config import DataConfig
+from ..errors import DataError
+from . import easy_vqa
+from .encode import ChatEncoder, Encoded, collate
+from .llava_json import load_llava_json
+from .sample import Sample
+
+__all__ = ["ChatEncoder", "DataError", "EncodedDataset", "Sample", "collate", "load_samples"]
+
+EVAL_SHUFFLE_SEED = 1234  # fixed: every run, whatever its training seed, is scored on the same eval questions
+
+
+def _subset(samples: list[Sample], size: int | None, seed: int) -> list[Sample]:
+    order = list(samples)
+    random.Random(seed).shuffle(order)
+    return order if size is None else order[:size]
+
+
+def load_samples(config: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples in a seeded random order, evaluation samples: a fixed subset)."""
+    if config.dataset == "easy-vqa":
+        train, held_out = easy_vqa.questions("train"), easy_vqa.questions("test")
+    else:
+        train = load_llava_json(config.train_path, config.image_root)
+        held_out = load_llava_json(config.eval_path, config.image_root)
+    return _subset(train, config.train_samples, seed), _subset(held_out, config.eval_samples, EVAL_SHUFFLE_SEED)
+
+
+class EncodedDataset(Dataset):
+    """Samples encoded on access, so start-up stays fast and memory stays flat for large datasets."""
+
+    def __init__(self, samples: Sequence[Sample], encoder: ChatEncoder) -> None:
+        self.samples = samples
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Encoded:
+        return self.encoder.encode(self.samples[index])

@@ -1,0 +1,1 @@
+"""HyDRA's rank machinery: targets and parameter budget, signals, allocation, resizing and scheduling."""

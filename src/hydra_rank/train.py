@@ -1,0 +1,156 @@
+"""One fine-tuning run: load model and data, attach adapters, optimise, save the adapter, evaluate, write metrics.
+
+Output directory layout:
+    config.yaml        the resolved configuration (re-run with `hydra-rank train DIR/config.yaml`)
+    log.jsonl          one line per optimizer step: step, loss, lr, tokens, step_time_s (+ eval_loss when measured)
+    tensorboard/       the same scalars for TensorBoard
+    adapter/           the PEFT adapter (safetensors), loadable with `PeftModel.from_pretrained`
+    metrics.json       final numbers (see `run`)
+    predictions.jsonl  every evaluation question with the model's answer
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import PeftModel
+from torch.utils.data import DataLoader
+
+from .adapter import attach_lora, trainable_parameters
+from .config import RunConfig
+from .data import ChatEncoder, EncodedDataset, collate, load_samples
+from .errors import ConfigError
+from .evaluate import evaluate, majority_answer, mean_answer_loss
+from .loop import batches_forever, optimize, warmup_cosine
+from .models.arch import linear_targets
+from .models.loading import load_model
+from .rank.budget import uniform_budget
+from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> Path:
+    """Create the run directory; refuse to write into a previous run's results unless asked to replace them."""
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"output directory {path} already holds files; pick another train.output_dir or pass --overwrite"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "log.jsonl").unlink(missing_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"output directory {path} is not writable ({error.strerror}); choose another") from None
+    return path
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its metrics (also in `output_dir/metrics.json`) and the trained PEFT model."""
+
+    metrics: dict[str, Any]
+    model: PeftModel
+    output_dir: Path
+
+
+def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> RunResult:
+    """Train and evaluate as `config` says; writes everything listed in this module's docstring."""
+    started = time.perf_counter()
+    out = prepare_output_dir(Path(config.train.output_dir), overwrite)
+    atomic_write_text(out / "config.yaml", config.to_yaml())
+    t = config.train
+    set_seed(t.seed)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
+    accelerator.init_trackers("tensorboard")
+
+    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
+    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
+    train_samples, eval_samples = load_samples(config.data, t.seed)
+    targets = linear_targets(model, config.adapter.target_modules)
+    budget = uniform_budget(model, targets, config.adapter.rank)
+    model = attach_lora(model, config.adapter, targets)
+    trainable = trainable_parameters(model)
+
+    loader = DataLoader(
+        EncodedDataset(train_samples, encoder),
+        batch_size=t.batch_size,
+        shuffle=True,
+        collate_fn=functools.partial(collate, pad_token_id=encoder.pad_token_id),
+        generator=torch.Generator().manual_seed(t.seed),
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
+    )
+    schedule = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
+    log = JsonlWriter(out / "log.jsonl")
+
+    def on_step(step: int, record: dict[str, float]) -> None:
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            record["eval_loss"] = mean_answer_loss(model, eval_items, encoder.pad_token_id, config.eval.batch_size)
+        log.write({"step": step, **record})
+        accelerator.log({f"train/{key}": value for key, value in record.items()}, step=step)
+
+    train_started = time.perf_counter()
+    optimize(
+        model,
+        optimizer,
+        schedule,
+        batches_forever(loader),
+        accelerator,
+        steps=t.max_steps,
+        grad_accum=t.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        on_step=on_step,
+        description=f"train ({config.adapter.method})",
+    )
+    train_time = time.perf_counter() - train_started
+    log.close()
+
+    model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        with atomic_directory(out / "adapter") as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+    results = evaluate(
+        model,
+        encoder,
+        eval_samples,
+        majority=majority_answer([s.answer for s in train_samples]),
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        show_progress=show_progress and accelerator.is_main_process,
+    )
+    predictions = results.pop("predictions")
+    metrics = {
+        "method": config.adapter.method,
+        "model": config.model.name_or_path,
+        "seed": t.seed,
+        "steps": t.max_steps,
+        "target_modules": len(targets),
+        "budget_params": budget,
+        "trainable_params": trainable,
+        **results,
+        "train_time_s": round(train_time, 2),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": torch.get_num_threads(),
+    }
+    if accelerator.is_main_process:
+        write_json(out / "metrics.json", metrics)
+        atomic_write_text(
+            out / "predictions.jsonl", "".join(f"{json.dumps(p, sort_keys=True)}\n" for p in predictions)
+        )
+        accelerator.log({"eval/loss": metrics["eval_loss"], "eval/accuracy": metrics["eval_accuracy"]}, t.max_steps)
+    accelerator.end_training()
+    console.print(f"[bold]hydra-rank[/]: run written to {out}")
+    return RunResult(metrics, model, out)

@@ -1,0 +1,111 @@
+"""Small shared helpers: progress bars, peak memory, atomic writes, JSON lines."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar; yields an `advance(**fields)` callable. `fields` (e.g. loss) show beside the bar."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
+    with Progress(*columns, console=console, disable=not enabled, transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(**fields: float) -> None:
+            info = "  ".join(f"{key} {value:.4g}" for key, value in fields.items())
+            progress.update(task, advance=1, info=info)
+
+        yield advance
+
+
+def _umask_mode(mode: int) -> int:
+    """`mode` filtered by the process umask: temp files are created private, the results should not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers (and crashes) see either the old or the whole new content, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(handle.name, _umask_mode(0o666))
+    os.replace(handle.name, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that becomes `path` only if the block finishes without error.
+
+    An existing `path` is replaced only after the new one is complete, so an interrupted write never leaves a
+    half-written directory where a good one was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield staging
+        os.chmod(staging, _umask_mode(0o777))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class JsonlWriter:
+    """Append-only JSON-lines log, flushed per line so it can be followed (`tail -f`) and survives a crash."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record, sort_keys=True) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,111 @@
+"""Shared fixtures: the real tokenizer, a tiny randomly initialised LLaVA, and a small generated LLaVA-JSON dataset.
+
+Unit tests run on tiny random models (fast, any architecture); `e2e` tests use the real built-in weights. Both use the
+real SmolLM2 tokenizer and chat template, from the same cache the built-in VLM lives in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    Dinov2Config,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from hydra_rank.models.tiny_vlm import IMAGE_TOKEN, image_processor, smollm2_path
+
+TINY_IMAGE_SIZE = 28  # 2x2 patches of 14 px: 4 image tokens
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer with the `<image>` token added, as in the built-in VLM."""
+    tok = AutoTokenizer.from_pretrained(smollm2_path())
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tok
+
+
+def make_tiny_llava(tokenizer, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    torch.manual_seed(seed)
+    vision = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=TINY_IMAGE_SIZE
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(TINY_IMAGE_SIZE // 14) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor(TINY_IMAGE_SIZE),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return LlavaForConditionalGeneration(config).eval(), processor
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random LLaVA saved as an ordinary checkpoint with its processor (loadable by name_or_path)."""
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = make_tiny_llava(tokenizer)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def write_colour_dataset(root: Path, count: int = 12) -> tuple[Path, Path]:
+    """Images of one coloured square each, with "what color is the shape?" questions, as LLaVA JSONL and JSON."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    names = list(COLOURS)
+    for index in range(count):
+        colour = names[index % len(names)]
+        image = Image.new("RGB", (32, 32), "white")
+        image.paste(COLOURS[colour], (8, 8, 24, 24))
+        image.save(root / "images" / f"{index}.png")
+        records.append(
+            {
+                "id": str(index),
+                "image": f"images/{index}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat color is the shape?"},
+                    {"from": "gpt", "value": colour},
+                ],
+            }
+        )
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    held_out = root / "eval.json"
+    held_out.write_text(json.dumps(records[: count // 2]))
+    return train, held_out
+
+
+@pytest.fixture
+def colour_dataset(tmp_path) -> tuple[Path, Path]:
+    return write_colour_dataset(tmp_path / "data")

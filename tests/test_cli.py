@@ -1,0 +1,61 @@
+"""The CLI as a user meets it: help, one-line errors with exit status 2, train then eval of a run directory."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hydra_rank.cli import app
+
+from .test_train import tiny_config
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "eval", "demo", "prepare"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["train", "{config}", "--set", "train.lrr=1"], "Did you mean 'train.lr'?"),
+        (["train", "{config}", "--max-steps", "0"], "train.max_steps must be at least 1"),
+        (["train", "{config}", "--set", "model.name_or_path=builtin:nope"], "unknown built-in model"),
+    ],
+)
+def test_input_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"train:\n  output_dir: {tmp_path / 'out'}\n")
+    result = runner.invoke(app, [arg.format(config=config) for arg in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+def test_debug_flag_keeps_the_traceback():
+    result = runner.invoke(app, ["--debug", "train", "missing.yaml"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_train_then_eval_a_run_directory(tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "unused")
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    out = tmp_path / "run"
+    trained = runner.invoke(app, ["train", str(path), "--max-steps", "2", "--output-dir", str(out)])
+    assert trained.exit_code == 0, trained.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "eval accuracy" not in trained.output
+    assert "lora" in trained.output  # the result table
+
+    evaluated = runner.invoke(app, ["eval", str(out)])
+    assert evaluated.exit_code == 0, evaluated.output
+    again = json.loads((out / "eval.json").read_text())
+    assert again["adapter"] == str(out / "adapter")
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert again["eval_accuracy"] == metrics["eval_accuracy"]

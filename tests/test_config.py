@@ -1,0 +1,67 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from hydra_rank.config import RunConfig, from_dict, load_config, parse_override
+from hydra_rank.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_demo_config():
+    """configs/tiny-lora.yaml spells out the embedded defaults; the two must not drift apart."""
+    assert load_config(CONFIGS / "tiny-lora.yaml") == RunConfig()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_overrides_win_and_parse_as_yaml():
+    config = from_dict({"train": {"lr": 0.1}}, ["train.lr=1e-3", "adapter.target_modules=[q_proj, v_proj]"])
+    assert config.train.lr == pytest.approx(1e-3)
+    assert config.adapter.target_modules == ["q_proj", "v_proj"]
+    assert parse_override("data.system_prompt=null") == (["data", "system_prompt"], None)
+
+
+def test_ints_are_accepted_as_floats():
+    assert from_dict({"adapter": {"alpha": 16}}).adapter.alpha == 16.0
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "message"),
+    [
+        ({"trian": {}}, [], "Did you mean 'train'"),
+        ({"train": {"lrr": 1}}, [], "Did you mean 'train.lr'"),
+        ({"train": {"max_steps": "ten"}}, [], "train.max_steps: expected int"),
+        ({"adapter": {"rank": 0}}, [], "adapter.rank must be at least 1"),
+        ({"data": {"dataset": "coco"}}, [], "data.dataset must be one of"),
+        ({"data": {"dataset": "llava-json"}}, [], "needs data.train_path"),
+        ({"train": 3}, [], "train: expected a mapping"),
+        ({}, ["train.lr"], "--set expects key=value"),
+        ({}, ["model.dtype=int8"], "model.dtype must be one of"),
+        ({}, ["adapter.target_modules=[]"], "adapter.target_modules is empty"),
+        ({"adapter": {"dropout": True}}, [], "adapter.dropout: expected float"),
+    ],
+)
+def test_bad_configs_fail_with_a_named_key(data, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        from_dict(data, overrides)
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = from_dict({"train": {"max_steps": 7}, "data": {"system_prompt": None}})
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config

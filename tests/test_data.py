@@ -1,0 +1,187 @@
+import json
+
+import pytest
+
+from hydra_rank.config import DataConfig
+from hydra_rank.data import EncodedDataset, easy_vqa, load_samples
+from hydra_rank.data.encode import IGNORE_INDEX, ChatEncoder, collate
+from hydra_rank.data.llava_json import load_llava_json
+from hydra_rank.data.sample import Sample, load_image
+from hydra_rank.errors import DataError
+
+from .conftest import TINY_IMAGE_SIZE, make_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return make_tiny_llava(tokenizer)[1]
+
+
+@pytest.fixture(scope="module")
+def encoder(processor):
+    return ChatEncoder(processor, system_prompt="Answer briefly.", max_length=128)
+
+
+def test_easy_vqa_questions_and_answers():
+    train, test = easy_vqa.questions("train"), easy_vqa.questions("test")
+    assert (len(train), len(test)) == (38575, 9673)
+    assert train[0].answer == "rectangle" and train[0].images[0].name == "0.png"
+    counts = easy_vqa.answer_counts("train")
+    assert len(counts) == 13 and sum(counts.values()) == len(train)
+
+
+def test_easy_vqa_captions_agree_with_every_question():
+    """Captions are derived from questions; each derived attribute must be consistent with all of that image's
+    shape/colour answers, and most images must get both attributes."""
+    attributes = easy_vqa.image_attributes("train")
+    assert len(attributes) == 4000
+    assert sum(len(a) == 2 for a in attributes.values()) / 4000 > 0.85
+    for question, answer, image_id in easy_vqa._rows("train"):
+        if answer in easy_vqa.SHAPES:
+            assert attributes[image_id]["shape"] == answer, question
+        if answer in easy_vqa.COLORS:
+            assert attributes[image_id]["color"] == answer, question
+    captions = easy_vqa.captions("train")
+    assert len(captions) == 4000
+    assert captions[0].answer == "A blue rectangle."
+
+
+def test_eval_subset_is_fixed_across_training_seeds():
+    config = DataConfig(train_samples=50, eval_samples=20)
+    train0, eval0 = load_samples(config, seed=0)
+    train1, eval1 = load_samples(config, seed=1)
+    assert eval0 == eval1
+    assert train0 != train1 and len(train0) == 50
+
+
+def test_llava_json_and_jsonl_read_the_same_records(colour_dataset):
+    train_path, eval_path = colour_dataset
+    train, held_out = load_llava_json(train_path), load_llava_json(eval_path)
+    assert len(train) == 12 and len(held_out) == 6
+    assert train[:6] != held_out  # sources differ (file:line vs file[index]) ...
+    assert [s.messages for s in train[:6]] == [s.messages for s in held_out]  # ... the content does not
+    assert train[0].messages[0]["role"] == "user" and train[0].answer == "red"
+    assert train[0].source.endswith("train.jsonl:1")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", r"train.jsonl:2 is not valid JSON"),
+        (json.dumps({"image": "../../etc/passwd", "conversations": []}), "outside the image folder"),
+        (json.dumps({"image": "images/0.png", "conversations": [{"from": "gpt", "value": "x"}]}), "placeholder"),
+        (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "each turn needs 'from'"),
+        (json.dumps({"conversations": [{"from": "human", "value": "hi"}]}), "must end with an assistant message"),
+        (json.dumps([1, 2]), "expected an object with a 'conversations' list"),
+    ],
+)
+def test_bad_llava_records_name_file_and_line(colour_dataset, line, message):
+    train_path, _ = colour_dataset
+    first = train_path.read_text().splitlines()[0]
+    train_path.write_text(f"{first}\n{line}\n")
+    with pytest.raises(DataError, match=message):
+        load_llava_json(train_path)
+
+
+def test_empty_and_missing_dataset_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="holds no samples"):
+        load_llava_json(empty)
+    with pytest.raises(DataError, match="does not exist"):
+        load_llava_json(tmp_path / "missing.json")
+
+
+def test_missing_and_corrupt_images_fail_on_encode(colour_dataset, encoder):
+    train_path, _ = colour_dataset
+    samples = load_llava_json(train_path)
+    samples[0].images[0].unlink()
+    with pytest.raises(DataError, match="does not exist"):
+        encoder.encode(samples[0])
+    samples[1].images[0].write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot be read as an image"):
+        encoder.encode(samples[1])
+
+
+def test_labels_cover_exactly_the_answer_and_end_of_turn(encoder, colour_dataset):
+    sample = load_llava_json(colour_dataset[0])[2]
+    item = encoder.encode(sample)
+    tokenizer = encoder.tokenizer
+    answer_ids = [t for t in item.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(answer_ids) == "blue<|im_end|>"
+    assert item.labels[: item.prompt_length] == [IGNORE_INDEX] * item.prompt_length
+    assert item.labels[item.prompt_length :] == item.input_ids[item.prompt_length :]
+    prompt = tokenizer.decode(item.input_ids[: item.prompt_length])
+    assert prompt.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    assert item.input_ids.count(image_token) == (TINY_IMAGE_SIZE // 14) ** 2
+    assert item.vision["pixel_values"].shape == (1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+
+
+def test_prompt_tokens_equal_what_generation_sees(encoder, colour_dataset):
+    """Training tokenizes the prompt exactly as a generation prompt would be (template + processor)."""
+    sample = load_llava_json(colour_dataset[0])[0]
+    item = encoder.encode(sample)
+    messages = [{"role": "system", "content": "Answer briefly."}, *sample.prompt_messages]
+    text = encoder.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = encoder.processor(text=text, images=[load_image(sample.images[0])], add_special_tokens=False)
+    assert item.input_ids[: item.prompt_length] == expected["input_ids"][0]
+
+
+def test_multi_turn_conversations_label_every_answer(encoder, colour_dataset):
+    image = load_llava_json(colour_dataset[0])[0].images[0]
+    sample = Sample(
+        messages=(
+            {"role": "user", "content": "<image>\nwhat color?"},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "and the shape?"},
+            {"role": "assistant", "content": "square"},
+        ),
+        images=(image,),
+    )
+    item = encoder.encode(sample)
+    labelled = encoder.tokenizer.decode([t for t in item.labels if t != IGNORE_INDEX])
+    assert labelled == "red<|im_end|>square<|im_end|>"
+    assert encoder.tokenizer.decode(item.input_ids[item.prompt_length :]) == "square<|im_end|>"
+
+
+def test_system_prompt_none_uses_the_templates_default(processor, colour_dataset):
+    item = ChatEncoder(processor, system_prompt=None).encode(load_llava_json(colour_dataset[0])[0])
+    assert "You are a helpful AI assistant named SmolLM" in processor.tokenizer.decode(item.input_ids)
+
+
+def test_too_long_samples_are_rejected_not_truncated(processor, colour_dataset):
+    with pytest.raises(DataError, match=r"more than data\.max_length=10"):
+        ChatEncoder(processor, max_length=10).encode(load_llava_json(colour_dataset[0])[0])
+
+
+def test_tokenizer_without_chat_template_is_rejected(tokenizer):
+    bare = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        ChatEncoder(bare)
+
+
+def test_collate_pads_right_for_training_and_left_for_generation(encoder, colour_dataset):
+    samples = load_llava_json(colour_dataset[0])[:3]
+    longer = {"role": "user", "content": "<image>\nwhat is the colour of this shape, please?"}
+    samples[1] = Sample(
+        messages=(longer, samples[1].messages[-1]),
+        images=samples[1].images,
+    )
+    items = list(EncodedDataset(samples, encoder))
+    batch = collate(items, encoder.pad_token_id)
+    lengths = [len(i.input_ids) for i in items]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["attention_mask"][:, 0].all()  # right padding: every row starts with a real token
+    assert batch["pixel_values"].shape[0] == 3
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+    prompts = collate(items, encoder.pad_token_id, prompt_only=True)
+    assert "labels" not in prompts
+    assert prompts["attention_mask"][:, -1].all()  # left padding: every row ends at the last column
+    assert prompts["attention_mask"].sum(1).tolist() == [i.prompt_length for i in items]
+    first = items[0].input_ids[: items[0].prompt_length]
+    assert prompts["input_ids"][0, -len(first) :].tolist() == first
