@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
 
 DATASETS = ("easy-vqa", "llava-json")
-METHODS = ("lora",)
+METHODS = ("lora", "hydra-static", "hydra-coarse", "hydra-fine")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -46,11 +46,21 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = "lora"
+    method: str = "lora"  # lora (uniform) | hydra-static (coarse + fine) | hydra-coarse | hydra-fine (ablations)
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
-    alpha: float = 8.0  # LoRA scale is alpha / rank
+    alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
     dropout: float = 0.0
     target_modules: list[str] | None = None  # short names (q_proj, ...); None: every linear of every decoder layer
+    budget_params: int | None = None  # hydra methods: explicit parameter budget instead of uniform LoRA's size
+    min_rank: int = 1
+    max_rank: int | None = None  # None: 4 x rank
+    rank_granularity: int = 1  # ranks are min_rank + k x granularity (e.g. 4 for kernel-friendly shapes)
+    calibration_batches: int = 4  # batches whose gradient spectra drive the initial allocation
+    allocation_path: str | None = None  # use this allocation.json (from `hydra-rank allocate`) instead of calibrating
+
+    @property
+    def upper_rank(self) -> int:
+        return self.max_rank if self.max_rank is not None else 4 * self.rank
 
 
 @dataclass
@@ -168,6 +178,17 @@ def validate(config: RunConfig) -> RunConfig:
     _require(
         a.target_modules is None or len(a.target_modules) > 0, "adapter.target_modules is empty; use null for all"
     )
+    _require(a.min_rank >= 1, f"adapter.min_rank must be at least 1, got {a.min_rank}")
+    _require(a.rank_granularity >= 1, f"adapter.rank_granularity must be at least 1, got {a.rank_granularity}")
+    _require(a.upper_rank >= a.min_rank, f"adapter.max_rank ({a.upper_rank}) is below adapter.min_rank ({a.min_rank})")
+    _require(
+        a.calibration_batches >= 1, f"adapter.calibration_batches must be at least 1, got {a.calibration_batches}"
+    )
+    _require(
+        a.method != "lora" or (a.budget_params is None and a.allocation_path is None),
+        "adapter.budget_params and adapter.allocation_path apply to hydra methods; uniform lora uses adapter.rank",
+    )
+    _require(a.budget_params is None or a.budget_params >= 1, "adapter.budget_params must be positive")
     for key in ("max_steps", "batch_size", "grad_accum"):
         _require(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on servers and in CI
 import matplotlib.pyplot as plt
@@ -97,3 +98,28 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
     path = out_dir / "report.html"
     atomic_write_text(path, page)
     return path
+
+
+def plot_allocation(ranks: dict[str, int], targets: list, path: Path, title: str = "rank allocation") -> None:
+    """Layer x module-kind heatmap of ranks, each cell annotated with its rank."""
+    kinds = list(dict.fromkeys(t.kind for t in targets))
+    layers = sorted({t.layer for t in targets})
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    for target in targets:
+        grid[layers.index(target.layer), kinds.index(target.kind)] = ranks[target.name]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    for (row, col), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            colour = "white" if value < np.nanmax(grid) * 0.6 else "black"
+            ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("module")
+    ax.set_ylabel("decoder layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,6 +4,8 @@ Output directory layout:
     config.yaml        the resolved configuration (re-run with `hydra-rank train DIR/config.yaml`)
     log.jsonl          one line per optimizer step: step, loss, lr, tokens, step_time_s (+ eval_loss when measured)
     tensorboard/       the same scalars for TensorBoard
+    allocation.json    the rank of every target module (uniform for lora), its budget and how it was chosen
+    allocation.png     the same as a layer x module heatmap
     adapter/           the PEFT adapter (safetensors), loadable with `PeftModel.from_pretrained`
     metrics.json       final numbers (see `run`)
     predictions.jsonl  every evaluation question with the model's answer
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +33,10 @@ from .data import ChatEncoder, EncodedDataset, collate, load_samples
 from .errors import ConfigError
 from .evaluate import evaluate, majority_answer, mean_answer_loss
 from .loop import batches_forever, optimize, warmup_cosine
-from .models.arch import linear_targets
 from .models.loading import load_model
-from .rank.budget import uniform_budget
+from .rank.budget import discover_targets
+from .rank.plan import initial_allocation
+from .report import plot_allocation
 from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
 
 
@@ -62,6 +66,25 @@ class RunResult:
     output_dir: Path
 
 
+def calibration_batches(
+    config: RunConfig, encoder: ChatEncoder, samples: list, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """A few training batches, drawn with their own seed, for the gradient statistics behind HyDRA's allocation."""
+    if config.adapter.method == "lora" or config.adapter.allocation_path:
+        return []
+    size = config.train.batch_size
+    chosen = random.Random(config.train.seed + 1).sample(
+        samples, min(len(samples), size * config.adapter.calibration_batches)
+    )
+    return [
+        {
+            k: v.to(device)
+            for k, v in collate([encoder.encode(s) for s in chosen[i : i + size]], encoder.pad_token_id).items()
+        }
+        for i in range(0, len(chosen), size)
+    ]
+
+
 def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> RunResult:
     """Train and evaluate as `config` says; writes everything listed in this module's docstring."""
     started = time.perf_counter()
@@ -75,9 +98,20 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, eval_samples = load_samples(config.data, t.seed)
-    targets = linear_targets(model, config.adapter.target_modules)
-    budget = uniform_budget(model, targets, config.adapter.rank)
-    model = attach_lora(model, config.adapter, targets)
+    targets = discover_targets(model, config.adapter.target_modules)
+    model.to(accelerator.device)
+    allocation = initial_allocation(
+        config.adapter,
+        model,
+        targets,
+        calibration_batches(config, encoder, train_samples, accelerator.device),
+        seed=t.seed,
+        show_progress=show_progress and accelerator.is_main_process,
+    )
+    if accelerator.is_main_process:
+        atomic_write_text(out / "allocation.json", allocation.to_json())
+        plot_allocation(allocation.ranks, targets, out / "allocation.png", f"{config.adapter.method} ranks")
+    model = attach_lora(model, config.adapter, allocation)
     trainable = trainable_parameters(model)
 
     loader = DataLoader(
@@ -137,8 +171,12 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         "seed": t.seed,
         "steps": t.max_steps,
         "target_modules": len(targets),
-        "budget_params": budget,
+        "budget_params": allocation.budget,
+        "used_params": allocation.params(targets),
         "trainable_params": trainable,
+        "rank_min": min(allocation.ranks.values()),
+        "rank_max": max(allocation.ranks.values()),
+        "calibration_time_s": allocation.info.get("calibration_seconds", 0.0),
         **results,
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - started, 2),

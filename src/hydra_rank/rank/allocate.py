@@ -1,0 +1,141 @@
+"""Hierarchical rank allocation under a parameter budget: coarse (how much each layer gets), then fine (how a
+layer's share is split among its modules).
+
+Each module m has a utility curve u_m(r), the predicted loss reduction of rank r (concave, from `signals.py` or the
+performance model). Every decision is a greedy "best gain per parameter" choice among steps that still fit:
+
+- fine (inside one layer): steps are "+granularity rank on module m", cost granularity·(d_in+d_out);
+- coarse (across layers): a layer's steps are its own fine steps in the order the fine greedy takes them, so the
+  coarse level decides how far down its list each layer gets, i.e. the layer's budget;
+- coarse-only ablation: a layer's steps raise all its modules together (one rank per layer);
+- fine-only ablation: each layer keeps uniform LoRA's share of the budget and only the fine step runs.
+
+Everything starts at min_rank; ranks stay in {min_rank + k·granularity} ≤ max_rank; the greedy stops only when no step
+fits, so the budget is used as fully as the step sizes allow. Ties go to the earlier module, so results are
+deterministic. For concave utilities the hierarchical result equals the global greedy optimum of separable
+allocation; the layer budgets it implies are reported as the coarse decision.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from itertools import groupby, pairwise
+
+import numpy as np
+
+from ..errors import ConfigError
+from .budget import Allocation, Budget, Target
+
+MODES = ("hierarchical", "coarse", "fine")
+
+
+@dataclass(frozen=True)
+class Step:
+    cost: float
+    gain: float
+    changes: tuple[tuple[str, int], ...]  # (module name, new rank) applied when the step is taken
+
+
+def greedy(items: list[list[Step]], budget: float) -> list[tuple[int, int]]:
+    """Take steps, each item's in order, always the fitting next step with the best gain per parameter.
+
+    Returns the (item, step) pairs in the order taken. An item whose next step no longer fits is closed (its later
+    steps depend on that one).
+    """
+    heap = [(-item[0].gain / item[0].cost, index, 0) for index, item in enumerate(items) if item]
+    heapq.heapify(heap)
+    taken = []
+    while heap:
+        _, index, position = heapq.heappop(heap)
+        step = items[index][position]
+        if step.cost > budget:
+            continue
+        budget -= step.cost
+        taken.append((index, position))
+        if position + 1 < len(items[index]):
+            following = items[index][position + 1]
+            heapq.heappush(heap, (-following.gain / following.cost, index, position + 1))
+    return taken
+
+
+def _module_steps(target: Target, utility: np.ndarray, ranks: list[int]) -> list[Step]:
+    return [
+        Step(target.cost * (high - low), float(utility[high] - utility[low]), ((target.name, high),))
+        for low, high in pairwise(ranks)
+    ]
+
+
+def _layer_fine_order(layer: list[Target], utilities: dict[str, np.ndarray], ranks: list[int]) -> list[Step]:
+    """A layer's module steps in the order the fine greedy takes them with unlimited budget."""
+    items = [_module_steps(t, utilities[t.name], ranks) for t in layer]
+    return [items[i][j] for i, j in greedy(items, float("inf"))]
+
+
+def _layer_uniform_steps(layer: list[Target], utilities: dict[str, np.ndarray], ranks: list[int]) -> list[Step]:
+    per_module = [_module_steps(t, utilities[t.name], ranks) for t in layer]
+    return [
+        Step(sum(s.cost for s in column), sum(s.gain for s in column), tuple(c for s in column for c in s.changes))
+        for column in zip(*per_module, strict=True)
+    ]
+
+
+def allocate(
+    targets: list[Target],
+    utilities: dict[str, np.ndarray],
+    budget: Budget,
+    mode: str = "hierarchical",
+) -> Allocation:
+    """Ranks for `targets` maximising Σ u_m(r_m) greedily under `budget`, structured as `mode` says.
+
+    `utilities[name][r]` must be defined for r = 0..budget.max_rank.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"allocation mode must be one of {MODES}, got {mode!r}")
+    budget.check_feasible(targets)
+    ranks = budget.ranks()
+    layers = [list(group) for _, group in groupby(targets, key=lambda t: t.layer)]
+    allocation = {t.name: budget.min_rank for t in targets}
+    spare = budget.total - budget.min_rank * sum(t.cost for t in targets)
+
+    def apply(items: list[list[Step]], limit: float) -> float:
+        """Take the greedy's steps into `allocation`; return what is left of `limit`."""
+        for index, position in greedy(items, limit):
+            limit -= items[index][position].cost
+            allocation.update(items[index][position].changes)
+        return limit
+
+    def module_steps(layer: list[Target]) -> list[list[Step]]:
+        """Each module's remaining steps, from its current rank."""
+        return [_module_steps(t, utilities[t.name], [r for r in ranks if r >= allocation[t.name]]) for t in layer]
+
+    if mode == "fine":
+        total_cost = sum(t.cost for t in targets)
+        for layer in layers:
+            layer_cost = sum(t.cost for t in layer)
+            apply(module_steps(layer), budget.total * layer_cost / total_cost - budget.min_rank * layer_cost)
+    elif mode == "coarse":
+        apply([_layer_uniform_steps(layer, utilities, ranks) for layer in layers], spare)
+    else:
+        spare = apply([_layer_fine_order(layer, utilities, ranks) for layer in layers], spare)
+        # A layer whose next step no longer fits is closed, but a cheaper module step elsewhere may still fit:
+        # spend what is left module by module.
+        apply(module_steps(targets), spare)
+
+    costs = {t.name: t.cost for t in targets}
+    layer_params = [sum(allocation[t.name] * t.cost for t in layer) for layer in layers]
+    result = Allocation(
+        ranks=allocation,
+        budget=budget.total,
+        info={
+            "mode": mode,
+            "used_params": sum(allocation[n] * costs[n] for n in allocation),
+            "layer_params": layer_params,
+            "predicted_gain": float(sum(utilities[n][r] for n, r in allocation.items())),
+            "min_rank": budget.min_rank,
+            "max_rank": budget.max_rank,
+            "granularity": budget.granularity,
+        },
+    )
+    result.check(targets, budget)
+    return result

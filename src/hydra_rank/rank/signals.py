@@ -1,0 +1,123 @@
+"""Per-module gradient spectra from a few calibration batches: what extra rank would buy each module.
+
+For a linear y = W x the full-weight gradient of a batch is G_b = Δ_bᵀ X_b (Δ: output gradients, X: inputs, one row
+per token). A rank-r adapter can follow the gradient only inside an r-dimensional subspace, so the gradient energy that
+the best r directions capture is a first-order estimate of what rank r buys. Over many steps the adapter has to follow
+many batches' gradients with the *same* subspace, so we measure the spectrum of all calibration batches' gradients
+together: σ_i² are the eigenvalues of Σ_b G_b G_bᵀ (output side), u(r) = Σ_{i≤r} σ_i².
+
+Memory stays bounded for billion-parameter models: G_b is never formed. Each batch's gradient is factored with a
+randomized range finder straight from Δ and X (cost O(tokens · d · k)), and the running output-side factor is kept
+at k columns by an SVD after every batch (a frequent-directions style merge). Per module that is O(d_out · k) memory,
+and the inputs held for the backward pass are the activations autograd keeps anyway. Total energy Σ_b ‖G_b‖²_F is
+estimated without forming G_b from the same random projection (E‖GΩ‖² = k‖G‖² for Gaussian Ω).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..loss import answer_loss
+from ..utils import progress_bar
+from .budget import Target
+
+
+@dataclass
+class ModuleSpectrum:
+    """Top-k singular values of a module's stacked calibration gradients, and their total energy."""
+
+    sigma: np.ndarray  # descending, length k
+    total_energy: float  # Σ_b ‖G_b‖²_F (estimated), ≥ Σ σ_i²
+
+    def utility(self, max_rank: int) -> np.ndarray:
+        """u[r] = energy captured by the best r output directions, r = 0..max_rank (flat beyond the sketch)."""
+        captured = np.concatenate([[0.0], np.cumsum(self.sigma.astype(np.float64) ** 2)])
+        if len(captured) <= max_rank:
+            captured = np.concatenate([captured, np.full(max_rank + 1 - len(captured), captured[-1])])
+        return captured[: max_rank + 1]
+
+
+class StackedGradientSketch:
+    """Streaming rank-k factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ, fed with (inputs, output grads) per batch."""
+
+    def __init__(self, d_in: int, rank: int, seed: int) -> None:
+        self.rank = rank
+        self.d_in = d_in
+        self.generator = torch.Generator().manual_seed(seed)
+        self.factor: torch.Tensor | None = None
+        self.total_energy = 0.0
+
+    @torch.no_grad()
+    def update(self, inputs: torch.Tensor, grads: torch.Tensor) -> None:
+        """Add one batch: `inputs` (tokens x d_in) and `grads` (tokens x d_out) give G = gradsᵀ inputs."""
+        x = inputs.reshape(-1, inputs.shape[-1]).double()
+        d = grads.reshape(-1, grads.shape[-1]).double()
+        omega = torch.randn(self.d_in, self.rank, generator=self.generator, dtype=torch.float64).to(x.device)
+        sample = d.T @ (x @ omega)  # G Ω, d_out x k
+        self.total_energy += float(sample.square().sum()) / self.rank
+        basis, _ = torch.linalg.qr(sample)
+        small = (basis.T @ d.T) @ x  # Qᵀ G, k x d_in
+        u, s, _ = torch.linalg.svd(small, full_matrices=False)
+        batch_factor = (basis @ u) * s  # G ≈ batch_factor Vᵀ; only its output side matters here
+        stacked = batch_factor if self.factor is None else torch.cat([self.factor, batch_factor], dim=1)
+        left, values, _ = torch.linalg.svd(stacked, full_matrices=False)
+        self.factor = left[:, : self.rank] * values[: self.rank]
+
+    def result(self) -> ModuleSpectrum:
+        if self.factor is None:
+            raise RuntimeError("no calibration batch reached this module")
+        sigma = torch.linalg.svdvals(self.factor).cpu().numpy()
+        return ModuleSpectrum(sigma=sigma, total_energy=max(self.total_energy, float((sigma**2).sum())))
+
+
+def gradient_spectra(
+    model: nn.Module,
+    targets: list[Target],
+    batches: list[dict[str, torch.Tensor]],
+    rank: int,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> tuple[dict[str, ModuleSpectrum], float]:
+    """Spectra of every target's calibration gradients (top `rank` values), and the seconds it took.
+
+    Gradients flow to the input embeddings only (`backward(inputs=...)`): no weight gradient is allocated and any
+    trainable parameter's `.grad` is left untouched. Hooks are removed afterwards, also on error.
+    """
+    started = time.perf_counter()
+    sketches = {t.name: StackedGradientSketch(t.d_in, rank, seed + i) for i, t in enumerate(targets)}
+    embedded: list[torch.Tensor] = []
+
+    def hook_for(name: str):
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                inputs = args[0].detach()
+                output.register_hook(lambda grad: sketches[name].update(inputs, grad))
+
+        return forward_hook
+
+    def track_embeddings(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        output = output.detach().requires_grad_(True)
+        embedded.append(output)
+        return output
+
+    handles = [model.get_submodule(t.name).register_forward_hook(hook_for(t.name)) for t in targets]
+    handles.append(model.get_input_embeddings().register_forward_hook(track_embeddings))
+    was_training = model.training
+    model.eval()  # no dropout: measure the model as it is
+    try:
+        with progress_bar("calibration", total=len(batches), enabled=show_progress) as advance:
+            for batch in batches:
+                embedded.clear()
+                loss, _ = answer_loss(model, batch)
+                torch.autograd.backward(loss, inputs=embedded)
+                advance(loss=loss.item())
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: sketch.result() for name, sketch in sketches.items()}, time.perf_counter() - started
