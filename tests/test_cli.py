@@ -59,3 +59,41 @@ def test_train_then_eval_a_run_directory(tiny_llava_dir, colour_dataset, tmp_pat
     assert again["adapter"] == str(out / "adapter")
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
     assert again["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_allocate_then_export(tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "run")
+    config.adapter.method = "hydra-static"
+    config.adapter.calibration_batches = 1
+    path = tmp_path / "config.yaml"
+    path.write_text(config.to_yaml())
+    allocated = runner.invoke(app, ["allocate", str(path), "--output-dir", str(tmp_path / "alloc")])
+    assert allocated.exit_code == 0, allocated.output
+    assert (tmp_path / "alloc" / "allocation.png").is_file()
+    assert "mean rank per module kind" in allocated.output and "calibration" in allocated.output
+
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            str(path),
+            "--max-steps",
+            "1",
+            "--set",
+            f"adapter.allocation_path={tmp_path / 'alloc/allocation.json'}",
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    exported = runner.invoke(app, ["export", str(tmp_path / "run")])
+    assert exported.exit_code == 0, exported.output
+    assert "largest logit difference" in exported.output
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "export" / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert (tmp_path / "run" / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_export_of_something_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a finished run directory" in result.output

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hydra_rank.adapter import attach_lora
+from hydra_rank.config import AdapterConfig
 from hydra_rank.data.encode import IGNORE_INDEX
 from hydra_rank.errors import ConfigError, ModelLoadError
 from hydra_rank.loss import answer_loss
@@ -16,6 +18,7 @@ from hydra_rank.models.vision import (
     package_dir,
     resize_position_embeddings,
 )
+from hydra_rank.rank.budget import Allocation, discover_targets
 
 from .conftest import make_tiny_llava
 
@@ -57,13 +60,13 @@ def test_baked_position_table_changes_nothing_at_that_size(vit):
 def test_targets_are_language_model_linears_only(tokenizer):
     """DINOv2 also has q_proj/k_proj/v_proj/o_proj; none of them may be targeted."""
     model, _ = make_tiny_llava(tokenizer)
-    targets = linear_targets(model)
+    targets = [name for name, _ in linear_targets(model)]
     assert len(targets) == 2 * 7
     assert all(t.startswith("model.language_model.layers.") for t in targets)
     assert {t.rsplit(".", 1)[1] for t in targets} == LLAMA_LINEARS
     vision_q = [n for n, _ in model.named_modules() if n.startswith("model.vision_tower") and n.endswith("q_proj")]
     assert vision_q and not set(vision_q) & set(targets)
-    assert linear_targets(model, ["q_proj", "down_proj"]) == [
+    assert [name for name, _ in linear_targets(model, ["q_proj", "down_proj"])] == [
         "model.language_model.layers.0.self_attn.q_proj",
         "model.language_model.layers.0.mlp.down_proj",
         "model.language_model.layers.1.self_attn.q_proj",
@@ -71,6 +74,14 @@ def test_targets_are_language_model_linears_only(tokenizer):
     ]
     with pytest.raises(ConfigError, match=r"\['qproj'\] are not linears"):
         linear_targets(model, ["qproj"])
+
+
+def test_targets_are_the_same_after_peft_wraps_them(tokenizer):
+    """Inside a LoRA layer the base linear and lora_A/lora_B are parts, not targets of their own."""
+    model, _ = make_tiny_llava(tokenizer)
+    before = discover_targets(model)
+    wrapped = attach_lora(model, AdapterConfig(rank=2), Allocation.uniform(before, 2))
+    assert discover_targets(wrapped.base_model.model) == before
 
 
 def test_text_only_llama_is_supported_and_unknown_architectures_are_named():

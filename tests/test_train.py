@@ -11,6 +11,7 @@ from hydra_rank.config import from_dict
 from hydra_rank.data import ChatEncoder, collate, load_samples
 from hydra_rank.errors import ConfigError
 from hydra_rank.models.loading import load_model
+from hydra_rank.rank.budget import Allocation, discover_targets
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
@@ -97,3 +98,48 @@ def test_same_seed_same_run(tiny_llava_dir, colour_dataset, tmp_path):
     losses = [[r["loss"] for r in read_jsonl(result.output_dir / "log.jsonl")] for result in (first, second)]
     assert losses[0] == losses[1]
     assert first.metrics["eval_loss"] == second.metrics["eval_loss"]
+
+
+@pytest.mark.parametrize("method", ["hydra-static", "hydra-coarse", "hydra-fine"])
+def test_hydra_methods_train_within_budget_and_reload(method, tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=2)
+    config.adapter.method = method
+    config.adapter.calibration_batches = 2
+    result = run(config, show_progress=False)
+    allocation = Allocation.load(result.output_dir / "allocation.json")
+    metrics = result.metrics
+    assert (
+        metrics["trainable_params"]
+        == metrics["used_params"]
+        == allocation.params(
+            [t for t in discover_targets(result.model.base_model.model) if t.name in allocation.ranks]
+        )
+    )
+    assert metrics["used_params"] <= metrics["budget_params"] == 2 * 2 * 512
+    assert allocation.info["mode"] == {"hydra-static": "hierarchical", "hydra-coarse": "coarse"}.get(method, "fine")
+    assert allocation.info["calibration_seconds"] > 0 and metrics["calibration_time_s"] > 0
+    assert (result.output_dir / "allocation.png").stat().st_size > 5_000
+
+    base, _ = load_model(config.model.name_or_path)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+
+
+def test_saved_allocation_is_reused_and_checked(tiny_llava_dir, colour_dataset, tmp_path):
+    from hydra_rank.rank.plan import allocate_for_config
+
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=1)
+    config.adapter.calibration_batches = 1
+    allocation, _ = allocate_for_config(config, tmp_path / "alloc", show_progress=False)
+    config.adapter.method = "hydra-static"
+    config.adapter.allocation_path = str(tmp_path / "alloc" / "allocation.json")
+    result = run(config, show_progress=False)
+    assert Allocation.load(result.output_dir / "allocation.json").ranks == allocation.ranks
+    assert result.metrics["calibration_time_s"] == allocation.info["calibration_seconds"]
+
+    config.adapter.rank = 1  # a smaller budget: the saved allocation no longer fits
+    config.train.output_dir = str(tmp_path / "out2")
+    with pytest.raises(ConfigError, match="does not fit this run"):
+        run(config, show_progress=False)

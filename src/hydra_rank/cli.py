@@ -141,6 +141,40 @@ def demo(
 
 
 @app.command()
+def allocate(
+    config: Annotated[Path, typer.Argument(help="YAML run configuration: model, data, adapter budget and bounds.")],
+    output_dir: Annotated[Path, typer.Option(help="Where allocation.json and allocation.png go.")] = Path(
+        "runs/allocation"
+    ),
+    set_: SetOption = None,
+) -> None:
+    """Calibrate on a few training batches and write the hierarchical rank allocation (JSON + heatmap).
+
+    Train with it later via `--set adapter.allocation_path=DIR/allocation.json`.
+    """
+    with _user_errors():
+        from .rank.plan import allocate_for_config
+
+        allocation, targets = allocate_for_config(_config(config, set_), output_dir)
+        _print_allocation(allocation, targets)
+        console.print(f"allocation written to {output_dir / 'allocation.json'} and {output_dir / 'allocation.png'}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (config.yaml + adapter/).")],
+    output_dir: Annotated[Path | None, typer.Option(help="Default: RUN_DIR/export.")] = None,
+) -> None:
+    """Write the stock PEFT adapter and a merged model (adapter folded into the weights) for serving."""
+    with _user_errors():
+        from .export import export_run
+
+        result = export_run(run_dir, output_dir or run_dir / "export")
+        console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
+        console.print(f"merge check: largest logit difference {result['max_logit_diff']:.2e}")
+
+
+@app.command()
 def prepare() -> None:
     """Build the built-in models into the cache now (they are otherwise built on first use)."""
     with _user_errors():
@@ -151,6 +185,32 @@ def prepare() -> None:
         console.print(f"builtin:smollm2  -> {smollm2_path()}")
         console.print(f"builtin:tiny-vlm -> {tiny_vlm_path()}")
         console.print(f"ready in {time.perf_counter() - started:.0f} s")
+
+
+def _print_allocation(allocation, targets) -> None:
+    """Mean rank per module kind and parameter share per layer: the fine and the coarse decision at a glance."""
+    from rich.table import Table
+
+    kinds = Table(title=f"{allocation.info.get('method', '')} allocation: mean rank per module kind")
+    names = list(dict.fromkeys(t.kind for t in targets))
+    for name in names:
+        kinds.add_column(name, justify="right")
+    kinds.add_row(
+        *(
+            f"{sum(allocation.ranks[t.name] for t in targets if t.kind == n) / sum(t.kind == n for t in targets):.2f}"
+            for n in names
+        )
+    )
+    stdout.print(kinds)
+    shares = allocation.info.get("layer_params", [])
+    if shares:
+        total = sum(shares)
+        stdout.print("layer share of the budget (%): " + " ".join(f"{100 * s / total:.1f}" for s in shares))
+    stdout.print(
+        f"used {allocation.params(targets):,} of {allocation.budget:,} parameters; ranks "
+        f"{min(allocation.ranks.values())}..{max(allocation.ranks.values())}; calibration "
+        f"{allocation.info.get('calibration_seconds', 0):.1f} s"
+    )
 
 
 def _print_results(rows: list[dict]) -> None:

@@ -20,7 +20,7 @@ def run_isolated(config: RunConfig, config_path: Path) -> dict:
     """Write `config` to `config_path`, train it in a child process, and return its metrics."""
     atomic_write_text(config_path, config.to_yaml())
     command = [sys.executable, "-m", "hydra_rank", "train", str(config_path), "--overwrite"]
-    completed = subprocess.run(command, check=False)
+    completed = subprocess.run(command, check=False, stdout=subprocess.DEVNULL)  # its table: ours shows all runs
     if completed.returncode != 0:
         raise HydraError(
             f"training run {config_path} failed with exit status {completed.returncode}; its output is above"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,7 @@ from .evaluate import evaluate, majority_answer, mean_answer_loss
 from .loop import batches_forever, optimize, warmup_cosine
 from .models.loading import load_model
 from .rank.budget import discover_targets
-from .rank.plan import initial_allocation
-from .report import plot_allocation
+from .rank.plan import calibration_batches, initial_allocation, save_allocation
 from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
 
 
@@ -66,25 +64,6 @@ class RunResult:
     output_dir: Path
 
 
-def calibration_batches(
-    config: RunConfig, encoder: ChatEncoder, samples: list, device: torch.device
-) -> list[dict[str, torch.Tensor]]:
-    """A few training batches, drawn with their own seed, for the gradient statistics behind HyDRA's allocation."""
-    if config.adapter.method == "lora" or config.adapter.allocation_path:
-        return []
-    size = config.train.batch_size
-    chosen = random.Random(config.train.seed + 1).sample(
-        samples, min(len(samples), size * config.adapter.calibration_batches)
-    )
-    return [
-        {
-            k: v.to(device)
-            for k, v in collate([encoder.encode(s) for s in chosen[i : i + size]], encoder.pad_token_id).items()
-        }
-        for i in range(0, len(chosen), size)
-    ]
-
-
 def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> RunResult:
     """Train and evaluate as `config` says; writes everything listed in this module's docstring."""
     started = time.perf_counter()
@@ -100,17 +79,18 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     train_samples, eval_samples = load_samples(config.data, t.seed)
     targets = discover_targets(model, config.adapter.target_modules)
     model.to(accelerator.device)
+    needs_calibration = config.adapter.method != "lora" and not config.adapter.allocation_path
+    batches = config.adapter.calibration_batches if needs_calibration else 0
     allocation = initial_allocation(
         config.adapter,
         model,
         targets,
-        calibration_batches(config, encoder, train_samples, accelerator.device),
+        calibration_batches(train_samples, encoder, t.batch_size, batches, t.seed, accelerator.device),
         seed=t.seed,
         show_progress=show_progress and accelerator.is_main_process,
     )
     if accelerator.is_main_process:
-        atomic_write_text(out / "allocation.json", allocation.to_json())
-        plot_allocation(allocation.ranks, targets, out / "allocation.png", f"{config.adapter.method} ranks")
+        save_allocation(allocation, targets, out, f"{config.adapter.method} ranks")
     model = attach_lora(model, config.adapter, allocation)
     trainable = trainable_parameters(model)
 

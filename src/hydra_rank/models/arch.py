@@ -47,25 +47,41 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return path, layers
 
 
-def linear_targets(model: nn.Module, module_names: list[str] | None = None) -> list[str]:
-    """Full names of the `nn.Linear` modules inside every decoder layer, in layer order.
+def _layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, linear) pairs inside one decoder layer. A PEFT-wrapped linear counts once, under its own name, by its
+    `base_layer` (its inner `lora_A`/`lora_B` linears are adapter parts, not targets)."""
+    found: list[tuple[str, nn.Linear]] = []
+    wrapped: list[str] = []
+    for name, module in layer.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in wrapped):
+            continue
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Linear):
+            wrapped.append(name)
+            found.append((name, base))
+        elif isinstance(module, nn.Linear):
+            found.append((name, module))
+    return found
+
+
+def linear_targets(model: nn.Module, module_names: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """(full name, linear) of every linear inside every decoder layer, in layer order.
 
     `module_names` restricts them to those whose last name component is listed (e.g. `["q_proj", "v_proj"]`);
     `None` keeps every linear.
     """
     path, layers = decoder_layers(model)
     linears = [
-        (f"{path}.{index}.{name}", name.rsplit(".", 1)[-1])
+        (f"{path}.{index}.{name}", linear)
         for index, layer in enumerate(layers)
-        for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear)
+        for name, linear in _layer_linears(layer)
     ]
     if module_names is None:
-        return [full for full, _ in linears]
-    available = {short for _, short in linears}
+        return linears
+    available = {name.rsplit(".", 1)[-1] for name, _ in linears}
     missing = sorted(set(module_names) - available)
     if missing:
         raise ConfigError(
             f"adapter.target_modules: {missing} are not linears of the decoder layers; choose from {sorted(available)}"
         )
-    return [full for full, short in linears if short in module_names]
+    return [(name, linear) for name, linear in linears if name.rsplit(".", 1)[-1] in module_names]

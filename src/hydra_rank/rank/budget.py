@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.arch import linear_targets
+from ..models.arch import decoder_layers, linear_targets
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,17 @@ class Target:
 
 def discover_targets(model: nn.Module, module_names: list[str] | None = None) -> list[Target]:
     """The language model's decoder-layer linears (optionally only the listed kinds), in layer order."""
-    targets = []
-    for name in linear_targets(model, module_names):
-        module = model.get_submodule(name)
-        layer = int(name.split(".layers.", 1)[1].split(".", 1)[0])
-        targets.append(Target(name, layer, name.rsplit(".", 1)[1], module.in_features, module.out_features))
-    return targets
+    path, _ = decoder_layers(model)
+    return [
+        Target(
+            name,
+            int(name[len(path) + 1 :].split(".", 1)[0]),
+            name.rsplit(".", 1)[1],
+            linear.in_features,
+            linear.out_features,
+        )
+        for name, linear in linear_targets(model, module_names)
+    ]
 
 
 def uniform_budget(targets: list[Target], rank: int) -> int:
@@ -92,11 +97,13 @@ class Allocation:
         return sum(rank * costs[name] for name, rank in self.ranks.items())
 
     def check(self, targets: list[Target], budget: Budget | None = None) -> None:
-        """Raise if the allocation does not cover exactly `targets`, exceeds its budget or breaks the bounds."""
+        """Raise if the allocation does not cover exactly `targets`, exceeds its own budget or `budget`'s total, or
+        breaks `budget`'s rank bounds."""
         if list(self.ranks) != [t.name for t in targets]:
             raise ValueError("allocation does not cover exactly the target modules, in order")
-        if self.params(targets) > self.budget:
-            raise ValueError(f"allocation uses {self.params(targets):,} parameters, over its budget {self.budget:,}")
+        limit = self.budget if budget is None else min(self.budget, budget.total)
+        if self.params(targets) > limit:
+            raise ValueError(f"allocation uses {self.params(targets):,} parameters, over the budget of {limit:,}")
         if budget is not None:
             allowed = set(budget.ranks())
             bad = {name: rank for name, rank in self.ranks.items() if rank not in allowed}

@@ -3,13 +3,18 @@ hierarchical allocation."""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, RunConfig
+from ..data import ChatEncoder, Sample, collate, load_samples
 from ..errors import ConfigError
+from ..utils import atomic_write_text
 from .allocate import allocate
-from .budget import Allocation, Budget, Target, uniform_budget
+from .budget import Allocation, Budget, Target, discover_targets, uniform_budget
 from .signals import gradient_spectra
 
 MODES = {"hydra-static": "hierarchical", "hydra-coarse": "coarse", "hydra-fine": "fine"}
@@ -67,3 +72,51 @@ def initial_allocation(
     allocation = calibrated_allocation(model, targets, budget, MODES[config.method], batches, seed, show_progress)
     allocation.info["method"] = config.method
     return allocation
+
+
+def calibration_batches(
+    samples: list[Sample], encoder: ChatEncoder, batch_size: int, count: int, seed: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """`count` training batches drawn with their own seed, for the gradient statistics behind the allocation."""
+    chosen = random.Random(seed + 1).sample(samples, min(len(samples), batch_size * count))
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        batch = collate([encoder.encode(s) for s in chosen[start : start + batch_size]], encoder.pad_token_id)
+        batches.append({key: value.to(device) for key, value in batch.items()})
+    return batches
+
+
+def save_allocation(allocation: Allocation, targets: list[Target], directory: Path, title: str) -> None:
+    """`allocation.json` and its layer x module heatmap `allocation.png`."""
+    from ..report import plot_allocation
+
+    atomic_write_text(directory / "allocation.json", allocation.to_json())
+    plot_allocation(allocation.ranks, targets, directory / "allocation.png", title)
+
+
+def allocate_for_config(config: RunConfig, output_dir: Path, show_progress: bool = True) -> tuple[Allocation, list]:
+    """What `hydra-rank allocate` does: calibrate on the configured model and data, allocate, save. A `lora` config
+    gets the full hierarchical allocation at its budget."""
+    from ..models.loading import load_model
+
+    method = config.adapter.method if config.adapter.method in MODES else "hydra-static"
+    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
+    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
+    train_samples, _ = load_samples(config.data, config.train.seed)
+    targets = discover_targets(model, config.adapter.target_modules)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = calibration_batches(
+        train_samples, encoder, config.train.batch_size, config.adapter.calibration_batches, config.train.seed, device
+    )
+    allocation = calibrated_allocation(
+        model.to(device),
+        targets,
+        make_budget(config.adapter, targets),
+        MODES[method],
+        batches,
+        config.train.seed,
+        show_progress,
+    )
+    allocation.info["method"] = method
+    save_allocation(allocation, targets, output_dir, f"{method} ranks (budget {allocation.budget:,} params)")
+    return allocation, targets
