@@ -1,8 +1,9 @@
 """The optimisation loop shared by projector pre-training and adapter fine-tuning.
 
 Deliberately explicit: gradient accumulation is a plain inner loop (with DDP's `no_sync` on all but the last
-micro-batch), and the learning-rate schedule is stepped once per optimizer step by us rather than wrapped by
-Accelerate, whose scheduler wrapper steps once per process.
+micro-batch), and the learning rate is set by us before every optimizer step rather than by a wrapped scheduler
+(Accelerate's wrapper steps once per process). Hooks see the start and end of every step; when one reports that the
+trainable parameters changed (HyDRA resized adapters), the optimizer is re-bound to the new parameters in place.
 """
 
 from __future__ import annotations
@@ -10,32 +11,73 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from .loss import answer_loss
 from .utils import progress_bar
 
-StepHook = Callable[[int, dict[str, float]], None]
+
+class StepHooks(Protocol):
+    def step_begin(self, step: int) -> None: ...
+
+    def step_end(self, step: int, record: dict[str, Any]) -> bool:
+        """Called after the optimizer step; return True if the trainable parameters changed."""
+        ...
 
 
-def warmup_cosine(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float = 0.0
-) -> LambdaLR:
-    """Linear warm-up to the base rate, then cosine decay to `floor` x base rate at `total_steps`."""
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warm-up to `lr`, then cosine decay to `floor`·lr; steps are 1-based.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    Parameters added to the optimizer at step b (a param group with `born=b`) get an extra linear ramp over
+    `resize_warmup_steps`, so their first Adam steps, taken with fresh moments, stay small.
+    """
 
-    return LambdaLR(optimizer, factor)
+    lr: float
+    warmup_steps: int
+    total_steps: int
+    floor: float = 0.0
+    resize_warmup_steps: int = 0
+
+    def factor(self, step: int) -> float:
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        progress = (step - 1 - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every param group's learning rate for `step`; return the base rate."""
+        rate = self.lr * self.factor(step)
+        for group in optimizer.param_groups:
+            age = step - group.get("born", 0)
+            ramp = min(1.0, age / self.resize_warmup_steps) if group.get("born") and self.resize_warmup_steps else 1.0
+            group["lr"] = rate * ramp
+        return rate
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
+    """Point the optimizer at the model's current trainable parameters: drop the state of parameters that are gone,
+    keep the state of those that stayed, and add new ones as a param group born at `step` (fresh Adam moments)."""
+    base = getattr(optimizer, "optimizer", optimizer)  # unwrap Accelerate's AcceleratedOptimizer
+    live = [p for p in model.parameters() if p.requires_grad]
+    live_ids = {id(p) for p in live}
+    known: set[int] = set()
+    for group in base.param_groups:
+        for parameter in group["params"]:
+            if id(parameter) not in live_ids:
+                base.state.pop(parameter, None)
+        group["params"] = [p for p in group["params"] if id(p) in live_ids]
+        known.update(id(p) for p in group["params"])
+    base.param_groups[:] = [group for group in base.param_groups if group["params"]]
+    new = [p for p in live if id(p) not in known]
+    if new:
+        base.add_param_group({"params": new, "born": step})
 
 
 def batches_forever(loader: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -52,27 +94,29 @@ def batches_forever(loader: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[
 def optimize(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    lr_scheduler: LambdaLR,
+    schedule: WarmupCosine,
     batches: Iterator[dict[str, torch.Tensor]],
     accelerator: Accelerator,
     *,
     steps: int,
     grad_accum: int = 1,
     max_grad_norm: float | None = 1.0,
-    on_step: StepHook | None = None,
+    hooks: tuple[StepHooks, ...] = (),
     description: str = "train",
     first_step: int = 1,
 ) -> None:
     """Run optimizer steps `first_step..steps`; each averages `grad_accum` micro-batches.
 
-    After every step `on_step(step, record)` receives the step's mean loss, learning rate, answer-token count and
-    seconds, and may do anything (log, evaluate, resize adapters).
+    The record passed to `hooks[i].step_end` holds the step's mean loss, learning rate, answer-token count and
+    seconds (forward, backward and optimizer step); hooks may add to it (later hooks see the additions).
     """
     model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     with progress_bar(description, total=steps - first_step + 1, enabled=accelerator.is_main_process) as advance:
         for step in range(first_step, steps + 1):
             started = time.perf_counter()
+            for hook in hooks:
+                hook.step_begin(step)
+            lr = schedule.apply(optimizer, step)
             total_loss, total_tokens = 0.0, 0
             for micro in range(grad_accum):
                 batch = next(batches)
@@ -83,10 +127,9 @@ def optimize(
                 total_loss += loss.item()
                 total_tokens += tokens
             if max_grad_norm:
+                params = [p for group in optimizer.param_groups for p in group["params"]]
                 accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            lr = lr_scheduler.get_last_lr()[0]
-            lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             record: dict[str, Any] = {
                 "loss": total_loss / grad_accum,
@@ -94,6 +137,9 @@ def optimize(
                 "tokens": total_tokens,
                 "step_time_s": time.perf_counter() - started,
             }
-            if on_step is not None:
-                on_step(step, record)
+            changed = False
+            for hook in hooks:
+                changed = hook.step_end(step, record) or changed
+            if changed:
+                rebind_optimizer(optimizer, model, step)
             advance(loss=record["loss"])

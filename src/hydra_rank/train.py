@@ -31,7 +31,7 @@ from .config import RunConfig
 from .data import ChatEncoder, EncodedDataset, collate, load_samples
 from .errors import ConfigError
 from .evaluate import evaluate, majority_answer, mean_answer_loss
-from .loop import batches_forever, optimize, warmup_cosine
+from .loop import WarmupCosine, batches_forever, optimize
 from .models.loading import load_model
 from .rank.budget import discover_targets
 from .rank.plan import calibration_batches, initial_allocation, save_allocation
@@ -104,16 +104,24 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
     )
-    schedule = warmup_cosine(optimizer, t.warmup_steps, t.max_steps)
+    schedule = WarmupCosine(t.lr, t.warmup_steps, t.max_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
     log = JsonlWriter(out / "log.jsonl")
 
-    def on_step(step: int, record: dict[str, float]) -> None:
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            record["eval_loss"] = mean_answer_loss(model, eval_items, encoder.pad_token_id, config.eval.batch_size)
-        log.write({"step": step, **record})
-        accelerator.log({f"train/{key}": value for key, value in record.items()}, step=step)
+    class Logger:
+        """Per-step record to log.jsonl and TensorBoard, with the eval loss every `train.eval_every` steps."""
+
+        def step_begin(self, step: int) -> None:
+            pass
+
+        def step_end(self, step: int, record: dict[str, Any]) -> bool:
+            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                record["eval_loss"] = mean_answer_loss(model, eval_items, encoder.pad_token_id, config.eval.batch_size)
+            log.write({"step": step, **record})
+            scalars = {f"train/{key}": value for key, value in record.items() if isinstance(value, (int, float))}
+            accelerator.log(scalars, step=step)
+            return False
 
     train_started = time.perf_counter()
     optimize(
@@ -125,7 +133,7 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         steps=t.max_steps,
         grad_accum=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
-        on_step=on_step,
+        hooks=(Logger(),),
         description=f"train ({config.adapter.method})",
     )
     train_time = time.perf_counter() - train_started

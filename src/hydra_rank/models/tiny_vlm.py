@@ -159,7 +159,7 @@ def pretrain_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     from ..data.easy_vqa import captions
     from ..data.encode import ChatEncoder, collate
     from ..evaluate import mean_answer_loss
-    from ..loop import batches_forever, optimize, warmup_cosine
+    from ..loop import WarmupCosine, batches_forever, optimize
 
     set_seed(recipe.seed)
     encoder = ChatEncoder(processor, system_prompt=recipe.system_prompt)
@@ -178,7 +178,7 @@ def pretrain_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     for parameter in projector:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(projector, lr=recipe.lr, weight_decay=0.0)
-    schedule = warmup_cosine(optimizer, recipe.warmup_steps, recipe.projector_steps)
+    schedule = WarmupCosine(recipe.lr, recipe.warmup_steps, recipe.projector_steps)
     accelerator = Accelerator()
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     before = mean_answer_loss(prepared, held_out, encoder.pad_token_id)

@@ -29,10 +29,11 @@ from .budget import Target
 
 @dataclass
 class ModuleSpectrum:
-    """Top-k singular values of a module's stacked calibration gradients, and their total energy."""
+    """Top-k singular values of a module's stacked gradients, their total energy, and the top input directions."""
 
-    sigma: np.ndarray  # descending, length k
+    sigma: np.ndarray  # descending, length k (output side: eigenvalues of Σ_b G_b G_bᵀ are σ²)
     total_energy: float  # Σ_b ‖G_b‖²_F (estimated), ≥ Σ σ_i²
+    input_directions: torch.Tensor  # d_in x k, orthonormal, strongest first (eigenvectors of Σ_b G_bᵀ G_b)
 
     def utility(self, max_rank: int) -> np.ndarray:
         """u[r] = energy captured by the best r output directions, r = 0..max_rank (flat beyond the sketch)."""
@@ -42,19 +43,31 @@ class ModuleSpectrum:
         return captured[: max_rank + 1]
 
 
+def _merge(factor: torch.Tensor | None, new: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` factor F with F Fᵀ ≈ factor factorᵀ + new newᵀ (a frequent-directions style merge)."""
+    stacked = new if factor is None else torch.cat([factor, new], dim=1)
+    left, values, _ = torch.linalg.svd(stacked, full_matrices=False)
+    return left[:, :rank] * values[:rank]
+
+
 class StackedGradientSketch:
-    """Streaming rank-k factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ, fed with (inputs, output grads) per batch."""
+    """Streaming rank-k factors of a module's gradients G_b = Δ_bᵀ X_b, fed with (inputs, output grads) per batch:
+    an output-side factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ and an input-side factor D (d_in x k) with
+    D Dᵀ ≈ Σ_b G_bᵀ G_b. Neither G_b nor any d_out x d_in matrix is ever formed."""
 
     def __init__(self, d_in: int, rank: int, seed: int) -> None:
         self.rank = rank
         self.d_in = d_in
         self.generator = torch.Generator().manual_seed(seed)
-        self.factor: torch.Tensor | None = None
+        self.output_factor: torch.Tensor | None = None
+        self.input_factor: torch.Tensor | None = None
         self.total_energy = 0.0
+        self.seconds = 0.0
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor, grads: torch.Tensor) -> None:
         """Add one batch: `inputs` (tokens x d_in) and `grads` (tokens x d_out) give G = gradsᵀ inputs."""
+        started = time.perf_counter()
         x = inputs.reshape(-1, inputs.shape[-1]).double()
         d = grads.reshape(-1, grads.shape[-1]).double()
         omega = torch.randn(self.d_in, self.rank, generator=self.generator, dtype=torch.float64).to(x.device)
@@ -62,17 +75,49 @@ class StackedGradientSketch:
         self.total_energy += float(sample.square().sum()) / self.rank
         basis, _ = torch.linalg.qr(sample)
         small = (basis.T @ d.T) @ x  # Qᵀ G, k x d_in
-        u, s, _ = torch.linalg.svd(small, full_matrices=False)
-        batch_factor = (basis @ u) * s  # G ≈ batch_factor Vᵀ; only its output side matters here
-        stacked = batch_factor if self.factor is None else torch.cat([self.factor, batch_factor], dim=1)
-        left, values, _ = torch.linalg.svd(stacked, full_matrices=False)
-        self.factor = left[:, : self.rank] * values[: self.rank]
+        u, s, vh = torch.linalg.svd(small, full_matrices=False)  # G ≈ (Q u) diag(s) vh
+        self.output_factor = _merge(self.output_factor, (basis @ u) * s, self.rank)
+        self.input_factor = _merge(self.input_factor, vh.T * s, self.rank)
+        self.seconds += time.perf_counter() - started
 
     def result(self) -> ModuleSpectrum:
-        if self.factor is None:
+        if self.output_factor is None or self.input_factor is None:
             raise RuntimeError("no calibration batch reached this module")
-        sigma = torch.linalg.svdvals(self.factor).cpu().numpy()
-        return ModuleSpectrum(sigma=sigma, total_energy=max(self.total_energy, float((sigma**2).sum())))
+        sigma = torch.linalg.svdvals(self.output_factor).cpu().numpy()
+        directions = torch.linalg.svd(self.input_factor, full_matrices=False)[0].float().cpu()
+        return ModuleSpectrum(sigma, max(self.total_energy, float((sigma**2).sum())), directions)
+
+
+class SketchHooks:
+    """Forward hooks that feed every target's (input, output-gradient) pair into its sketch on each backward pass.
+
+    Usable during training (the output of an adapted layer requires grad) or, with `track_embeddings`, on a frozen
+    model where the input embeddings are made the only leaf that requires grad.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[Target], rank: int, seed: int = 0) -> None:
+        self.sketches = {t.name: StackedGradientSketch(t.d_in, rank, seed + i) for i, t in enumerate(targets)}
+        self.handles = [model.get_submodule(t.name).register_forward_hook(self._hook(t.name)) for t in targets]
+
+    def _hook(self, name: str):
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                inputs = args[0].detach()
+                output.register_hook(lambda grad: self.sketches[name].update(inputs, grad))
+
+        return forward_hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def results(self) -> dict[str, ModuleSpectrum]:
+        return {name: sketch.result() for name, sketch in self.sketches.items()}
+
+    @property
+    def seconds(self) -> float:
+        return sum(sketch.seconds for sketch in self.sketches.values())
 
 
 def gradient_spectra(
@@ -89,24 +134,15 @@ def gradient_spectra(
     trainable parameter's `.grad` is left untouched. Hooks are removed afterwards, also on error.
     """
     started = time.perf_counter()
-    sketches = {t.name: StackedGradientSketch(t.d_in, rank, seed + i) for i, t in enumerate(targets)}
     embedded: list[torch.Tensor] = []
-
-    def hook_for(name: str):
-        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if output.requires_grad:
-                inputs = args[0].detach()
-                output.register_hook(lambda grad: sketches[name].update(inputs, grad))
-
-        return forward_hook
 
     def track_embeddings(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         output = output.detach().requires_grad_(True)
         embedded.append(output)
         return output
 
-    handles = [model.get_submodule(t.name).register_forward_hook(hook_for(t.name)) for t in targets]
-    handles.append(model.get_input_embeddings().register_forward_hook(track_embeddings))
+    hooks = SketchHooks(model, targets, rank, seed)
+    embedding_hook = model.get_input_embeddings().register_forward_hook(track_embeddings)
     was_training = model.training
     model.eval()  # no dropout: measure the model as it is
     try:
@@ -117,7 +153,7 @@ def gradient_spectra(
                 torch.autograd.backward(loss, inputs=embedded)
                 advance(loss=loss.item())
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()
+        embedding_hook.remove()
         model.train(was_training)
-    return {name: sketch.result() for name, sketch in sketches.items()}, time.perf_counter() - started
+    return hooks.results(), time.perf_counter() - started

@@ -1,0 +1,134 @@
+"""Resizing LoRA modules in place: exactness of grow and shrink, scale, PEFT round trip, training afterwards."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlavaForConditionalGeneration
+
+from hydra_rank.adapter import attach_lora
+from hydra_rank.config import AdapterConfig
+from hydra_rank.loop import rebind_optimizer
+from hydra_rank.rank.budget import Allocation, discover_targets
+from hydra_rank.rank.resize import ADAPTER, apply_allocation, factorize, lora_layers, resize_layer
+
+from .conftest import make_tiny_llava
+
+
+def delta_w(layer) -> torch.Tensor:
+    return layer.scaling[ADAPTER] * layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight
+
+
+@pytest.fixture
+def adapted(tokenizer, tmp_path):
+    model, _ = make_tiny_llava(tokenizer)
+    model.save_pretrained(tmp_path / "base")  # the clean base, for reload checks
+    targets = discover_targets(model)
+    peft_model = attach_lora(model, AdapterConfig(rank=4, alpha=8.0), Allocation.uniform(targets, 4))
+    torch.manual_seed(1)
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.3)  # as if trained
+    return peft_model, targets
+
+
+def test_factorize_reproduces_the_product():
+    b, a = torch.randn(7, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    left, sigma, right = factorize(b, a)
+    torch.testing.assert_close(left @ torch.diag(sigma) @ right.T, b @ a)
+    torch.testing.assert_close(left.T @ left, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(right.T @ right, torch.eye(3, dtype=torch.float64))
+
+
+def test_grow_keeps_outputs_and_adds_uncovered_directions(adapted):
+    model, targets = adapted
+    name = targets[4].name  # a gate_proj: 32 -> 64
+    layer = lora_layers(model)[name]
+    x = torch.randn(3, 32)
+    before_out, before_w = layer(x), delta_w(layer)
+    old_rows = layer.lora_A[ADAPTER].weight.detach().clone()
+    hint = torch.randn(32, 2)
+    result = resize_layer(layer, name, 7, directions=hint)
+    assert (result.old_rank, result.new_rank, result.dropped_energy) == (4, 7, 0.0)
+    assert layer.lora_A[ADAPTER].weight.shape == (7, 32) and layer.lora_B[ADAPTER].weight.shape == (64, 7)
+    torch.testing.assert_close(delta_w(layer), before_w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer(x), before_out, atol=1e-5, rtol=1e-5)
+    assert torch.all(layer.lora_B[ADAPTER].weight[:, 4:] == 0)
+    new_rows = layer.lora_A[ADAPTER].weight[4:].detach()
+    assert (new_rows @ old_rows.T).abs().max() < 1e-5  # orthogonal to what A already covered
+    # the first new row is the first hint direction, minus its part in the old row space
+    q, _ = torch.linalg.qr(old_rows.T)
+    expected = hint[:, 0] - q @ (q.T @ hint[:, 0])
+    cosine = torch.nn.functional.cosine_similarity(new_rows[0], expected, dim=0)
+    assert cosine.abs() > 0.9999
+    assert layer.scaling[ADAPTER] == pytest.approx(2.0) and layer.lora_alpha[ADAPTER] == pytest.approx(14.0)
+    assert layer.lora_A[ADAPTER].weight.requires_grad and layer.lora_B[ADAPTER].weight.requires_grad
+
+
+def test_shrink_error_is_exactly_the_dropped_energy(adapted):
+    model, targets = adapted
+    name = targets[0].name
+    layer = lora_layers(model)[name]
+    before = delta_w(layer).detach().double()
+    singular = torch.linalg.svdvals(before)
+    result = resize_layer(layer, name, 2)
+    after = delta_w(layer).detach().double()
+    error = float((before - after).square().sum())
+    assert result.dropped_energy == pytest.approx(float(singular[2:].square().sum()), rel=1e-6)
+    assert error == pytest.approx(result.dropped_energy, rel=1e-4)
+    torch.testing.assert_close(torch.linalg.svdvals(after)[:2], singular[:2], rtol=1e-5, atol=1e-7)
+
+
+def test_resizing_an_untrained_adapter_keeps_it_trainable(tokenizer):
+    """B = 0 at the start: re-factoring must not zero A too, or the module could never learn."""
+    model, _ = make_tiny_llava(tokenizer)
+    targets = discover_targets(model)
+    peft_model = attach_lora(model, AdapterConfig(rank=4), Allocation.uniform(targets, 4))
+    layer = lora_layers(peft_model)[targets[0].name]
+    norm = layer.lora_A[ADAPTER].weight.detach().norm(dim=1).mean()
+    for rank in (2, 6):
+        resize_layer(layer, targets[0].name, rank)
+        rows = layer.lora_A[ADAPTER].weight.detach().norm(dim=1)
+        assert torch.allclose(rows, torch.full_like(rows, float(norm)), rtol=0.05)
+
+
+def test_resized_adapter_saves_and_reloads_with_stock_peft(adapted, tmp_path):
+    model, targets = adapted
+    ranks = {t.name: 1 + (i * 5) % 8 for i, t in enumerate(targets)}
+    results = apply_allocation(model, Allocation(ranks, budget=10**9))
+    assert {r.name for r in results} == {n for n, r in ranks.items() if r != 4}
+    assert {n: layer.r[ADAPTER] for n, layer in lora_layers(model).items()} == ranks
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        r * t.cost for r, t in zip(ranks.values(), targets, strict=True)
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 1000, (2, 6))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+    base = LlavaForConditionalGeneration.from_pretrained(tmp_path / "base")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_training_continues_after_a_resize(adapted):
+    model, targets = adapted
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 1000, (2, 6))
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    step()
+    apply_allocation(model, Allocation({t.name: 2 if i % 2 else 6 for i, t in enumerate(targets)}, budget=10**9))
+    rebind_optimizer(optimizer, model, step=1)
+    trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in model.parameters() if p.requires_grad}
+    losses = [step() for _ in range(15)]
+    assert losses[-1] < losses[0]
+    grown = lora_layers(model)[targets[0].name].lora_B[ADAPTER].weight
+    assert grown[:, 4:].abs().sum() > 0  # the new directions learned
