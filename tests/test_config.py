@@ -9,9 +9,15 @@ from hydra_rank.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_defaults_are_the_demo_config():
-    """configs/tiny-lora.yaml spells out the embedded defaults; the two must not drift apart."""
-    assert load_config(CONFIGS / "tiny-lora.yaml") == RunConfig()
+def test_defaults_are_the_demo_configs():
+    """configs/tiny-hydra.yaml spells out the embedded defaults; tiny-lora.yaml differs only in method (and where
+    it writes). They must not drift apart."""
+    defaults = RunConfig()
+    hydra = load_config(CONFIGS / "tiny-hydra.yaml")
+    assert hydra == from_dict({"train": {"output_dir": "runs/tiny-hydra"}})
+    assert hydra.adapter.method == defaults.adapter.method == "hydra"
+    lora = load_config(CONFIGS / "tiny-lora.yaml")
+    assert lora == from_dict({"adapter": {"method": "lora"}, "train": {"output_dir": "runs/tiny-lora"}})
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -119,14 +119,15 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="Where the runs and the report go.")] = Path("runs/demo"),
     max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps for every run.")] = None,
 ) -> None:
-    """The embedded default: the built-in tiny VLM fine-tuned on easy-VQA; prints a result table, writes a report."""
+    """The embedded default: uniform LoRA and HyDRA at the same parameter budget (uniform rank 4) on the built-in tiny
+    VLM and easy-VQA; prints a side-by-side table and writes a report."""
     with _user_errors():
         from .report import write_report
         from .runner import run_isolated
 
         started = time.perf_counter()
         runs, rows = {}, []
-        for method in ("lora",):
+        for method in ("lora", "hydra"):
             cfg = _config(
                 None,
                 [f"adapter.method={method}"],
@@ -135,7 +136,7 @@ def demo(
             console.rule(f"[bold]{method}")
             rows.append(run_isolated(cfg, output_dir / "configs" / f"{method}.yaml"))
             runs[method] = output_dir / method
-        report = write_report(output_dir, runs, title="hydra-rank demo: tiny VLM on easy-VQA")
+        report = write_report(output_dir, runs, title="hydra-rank demo: uniform LoRA vs HyDRA, tiny VLM on easy-VQA")
         _print_results(rows)
         console.print(f"report: {report}  (demo took {time.perf_counter() - started:.0f} s)")
 
@@ -172,6 +173,19 @@ def export(
         result = export_run(run_dir, output_dir or run_dir / "export")
         console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
         console.print(f"merge check: largest logit difference {result['max_logit_diff']:.2e}")
+
+
+@app.command("make-scenes")
+def make_scenes(
+    output_dir: Annotated[Path, typer.Argument(help="Folder to write train.jsonl, test.jsonl and images/ into.")],
+    seed: Annotated[int, typer.Option(help="Generation seed (the default task uses 0).")] = 0,
+) -> None:
+    """Write the generated multi-shape scenes task (data.dataset: scenes) as LLaVA JSONL + PNG files."""
+    with _user_errors():
+        from .data.scenes import generate
+
+        counts = generate(output_dir, seed)
+        console.print(f"wrote {counts['train']} train and {counts['test']} test questions to {output_dir}")
 
 
 @app.command()

@@ -20,8 +20,9 @@ import yaml
 from .errors import ConfigError
 from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
 
-DATASETS = ("easy-vqa", "llava-json")
-METHODS = ("lora", "hydra-static", "hydra-coarse", "hydra-fine")
+DATASETS = ("easy-vqa", "scenes", "llava-json")
+METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine")
+SCHEDULE_INITS = ("warmup", "calibrated")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,7 +35,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "easy-vqa"  # or "llava-json"
+    dataset: str = "easy-vqa"  # easy-vqa | scenes (generated multi-shape task) | llava-json (your files)
     train_path: str | None = None  # llava-json: .json list or .jsonl file
     eval_path: str | None = None
     image_root: str | None = None  # folder image paths are relative to (default: the data file's folder)
@@ -46,7 +47,9 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = "lora"  # lora (uniform) | hydra-static (coarse + fine) | hydra-coarse | hydra-fine (ablations)
+    # hydra: dynamic (coarse + fine, re-allocated while training) | lora: uniform |
+    # hydra-static: coarse + fine from calibration, fixed | hydra-coarse, hydra-fine: static ablations
+    method: str = "hydra"
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
     alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
     dropout: float = 0.0
@@ -64,6 +67,19 @@ class AdapterConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """When and how far `hydra` moves rank during training (fractions are of train.max_steps)."""
+
+    init: str = "warmup"  # warmup: uniform r0 until the first decision | calibrated: start from hydra-static's ranks
+    warmup_fraction: float = 0.1  # first decision at this point
+    interval_fraction: float = 0.1  # then one decision per interval...
+    freeze_fraction: float = 0.7  # ...until here; the ranks stay fixed afterwards
+    max_move_fraction: float = 0.15  # at most this share of the budget changes hands per decision (not the first)
+    signal_steps: int = 2  # steps before each decision whose gradients are sketched
+    resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 60
     batch_size: int = 16
@@ -75,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # steps between eval-loss checks during training (0: only at the end)
     output_dir: str = "runs/tiny-lora"
+    debug_checks: bool = False  # assert the parameter budget (and adapter sizes) after every step
 
 
 @dataclass
@@ -88,6 +105,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -189,6 +207,13 @@ def validate(config: RunConfig) -> RunConfig:
         "adapter.budget_params and adapter.allocation_path apply to hydra methods; uniform lora uses adapter.rank",
     )
     _require(a.budget_params is None or a.budget_params >= 1, "adapter.budget_params must be positive")
+    sc = config.schedule
+    _require(sc.init in SCHEDULE_INITS, f"schedule.init must be one of {SCHEDULE_INITS}, got {sc.init!r}")
+    for key in ("warmup_fraction", "interval_fraction", "freeze_fraction", "max_move_fraction"):
+        _require(0 < getattr(sc, key) <= 1, f"schedule.{key} must be in (0, 1], got {getattr(sc, key)}")
+    _require(sc.warmup_fraction <= sc.freeze_fraction, "schedule.warmup_fraction must not exceed freeze_fraction")
+    _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
+    _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")
     for key in ("max_steps", "batch_size", "grad_accum"):
         _require(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -73,8 +74,69 @@ def plot_loss_curves(logs: dict[str, list[dict]], path: Path, smoothing: float =
     plt.close(fig)
 
 
+def plot_rank_over_time(history: list[dict], path: Path) -> None:
+    """Mean rank of each module kind (q_proj, ..., down_proj) at every HyDRA decision."""
+    steps = [entry["step"] for entry in history]
+    kinds = list(dict.fromkeys(name.rsplit(".", 1)[1] for name in history[0]["ranks"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in kinds:
+        means = [np.mean([r for n, r in e["ranks"].items() if n.rsplit(".", 1)[1] == kind]) for e in history]
+        ax.plot(steps, means, marker="o", label=kind)
+    ax.set_xlabel("step of the decision")
+    ax.set_ylabel("mean rank")
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_predictions(history: list[dict], path: Path) -> None:
+    """Performance model: each interval's predicted vs realised loss reduction (left), and per module at the last
+    scored decision (right, log-log, with the Spearman correlation)."""
+    scored = [entry for entry in history if "per_module" in entry]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if scored:
+        steps = [e["step"] for e in scored]
+        left.plot(steps, [e["predicted_gain_previous"] for e in scored], "o-", label="predicted at previous decision")
+        left.plot(steps, [e["realised_gain"] for e in scored], "s-", label="realised (first-order attribution)")
+        last = scored[-1]
+        predicted = np.asarray(last["per_module"]["predicted"])
+        realised = np.maximum(np.asarray(last["per_module"]["realised"]), 1e-12)
+        right.loglog(predicted, realised, ".", alpha=0.6)
+        right.set_title(f"step {last['step']}: Spearman {last['spearman']:.2f}")
+    left.set_xlabel("step of the decision")
+    left.set_ylabel("loss reduction over the interval")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.set_xlabel("predicted gain per module")
+    right.set_ylabel("realised gain per module")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hydra_figures(run_dir: Path) -> list[tuple[str, Path]]:
+    """(caption, PNG) for a HyDRA run's allocation, written next to its history; empty for other methods."""
+    history_path = run_dir / "allocation_history.jsonl"
+    if not history_path.is_file() or not read_jsonl(history_path):
+        return []
+    history = read_jsonl(history_path)
+    plot_rank_over_time(history, run_dir / "rank_over_time.png")
+    plot_predictions(history, run_dir / "predictions.png")
+    figures = [
+        ("ranks at the start (layer x module)", run_dir / "allocation_start.png"),
+        ("ranks at the end", run_dir / "allocation.png"),
+        ("mean rank per module kind over time", run_dir / "rank_over_time.png"),
+        ("performance model: predicted vs realised", run_dir / "predictions.png"),
+    ]
+    return [(caption, png) for caption, png in figures if png.is_file()]
+
+
 def write_report(out_dir: Path, runs: dict[str, Path], title: str = "hydra-rank report") -> Path:
-    """`out_dir/report.html` with the result table and loss curves of `runs` (name -> run directory)."""
+    """`out_dir/report.html`: the result table and loss curves of `runs` (name -> run directory), and for HyDRA
+    runs their allocation at start and end, rank over time and the performance model's predictions."""
     loaded = {name: load_run(path) for name, path in runs.items()}
     plot_loss_curves({name: log for name, (_, log) in loaded.items()}, out_dir / "loss_curves.png")
     header = "".join(f"<th>{html.escape(name)}</th>" for _, name, _ in COLUMNS)
@@ -82,16 +144,28 @@ def write_report(out_dir: Path, runs: dict[str, Path], title: str = "hydra-rank 
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in _cells(metrics)) + "</tr>"
         for metrics, _ in loaded.values()
     )
+    sections = ""
+    for name, run_dir in runs.items():
+        figures = hydra_figures(run_dir)
+        if figures:
+            images = "".join(
+                f'<figure><img src="{html.escape(os.path.relpath(png, out_dir))}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                for caption, png in figures
+            )
+            sections += f"<h2>{html.escape(name)}: rank allocation</h2>{images}"
     links = "".join(
         f"<li>{html.escape(name)}: <code>{html.escape(str(path))}</code></li>" for name, path in runs.items()
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head>
+<style>body{{font-family:sans-serif;margin:2em;max-width:75em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:0 1em 1em 0}}
+img{{max-width:36em}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <table><tr>{header}</tr>{body}</table>
 <h2>Loss curves</h2><img src="loss_curves.png" alt="loss curves">
+{sections}
 <h2>Runs</h2><ul>{links}</ul>
 </body></html>
 """

@@ -34,7 +34,9 @@ from .evaluate import evaluate, majority_answer, mean_answer_loss
 from .loop import WarmupCosine, batches_forever, optimize
 from .models.loading import load_model
 from .rank.budget import discover_targets
-from .rank.plan import calibration_batches, initial_allocation, save_allocation
+from .rank.plan import calibration_batches, initial_allocation, needs_calibration, save_allocation
+from .rank.scheduler import HydraScheduler
+from .report import write_report
 from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
 
 
@@ -79,20 +81,15 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     train_samples, eval_samples = load_samples(config.data, t.seed)
     targets = discover_targets(model, config.adapter.target_modules)
     model.to(accelerator.device)
-    needs_calibration = config.adapter.method != "lora" and not config.adapter.allocation_path
-    batches = config.adapter.calibration_batches if needs_calibration else 0
-    allocation = initial_allocation(
-        config.adapter,
+    calibration = config.adapter.calibration_batches if needs_calibration(config) else 0
+    allocation, budget, spectra = initial_allocation(
+        config,
         model,
         targets,
-        calibration_batches(train_samples, encoder, t.batch_size, batches, t.seed, accelerator.device),
-        seed=t.seed,
+        calibration_batches(train_samples, encoder, t.batch_size, calibration, t.seed, accelerator.device),
         show_progress=show_progress and accelerator.is_main_process,
     )
-    if accelerator.is_main_process:
-        save_allocation(allocation, targets, out, f"{config.adapter.method} ranks")
     model = attach_lora(model, config.adapter, allocation)
-    trainable = trainable_parameters(model)
 
     loader = DataLoader(
         EncodedDataset(train_samples, encoder),
@@ -106,16 +103,36 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     )
     schedule = WarmupCosine(t.lr, t.warmup_steps, t.max_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    scheduler = None
+    if config.adapter.method == "hydra":
+        scheduler = HydraScheduler(
+            accelerator.unwrap_model(model),
+            targets,
+            budget,
+            allocation,
+            config.schedule,
+            t.max_steps,
+            seed=t.seed,
+            history_path=out / "allocation_history.jsonl" if accelerator.is_main_process else None,
+            initial_spectra=spectra,
+            debug_checks=t.debug_checks,
+        )
+        scheduler.bind(optimizer)
     eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
     log = JsonlWriter(out / "log.jsonl")
 
     class Logger:
-        """Per-step record to log.jsonl and TensorBoard, with the eval loss every `train.eval_every` steps."""
+        """Per-step record to log.jsonl and TensorBoard, with the eval loss every `train.eval_every` steps and the
+        trainable-parameter count (whose maximum over the run is reported)."""
+
+        max_trainable = trainable_parameters(model)
 
         def step_begin(self, step: int) -> None:
             pass
 
         def step_end(self, step: int, record: dict[str, Any]) -> bool:
+            record["trainable_params"] = trainable_parameters(model)
+            Logger.max_trainable = max(Logger.max_trainable, record["trainable_params"])
             if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 record["eval_loss"] = mean_answer_loss(model, eval_items, encoder.pad_token_id, config.eval.batch_size)
             log.write({"step": step, **record})
@@ -133,16 +150,24 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         steps=t.max_steps,
         grad_accum=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
-        hooks=(Logger(),),
+        hooks=(Logger(),) if scheduler is None else (scheduler, Logger()),
         description=f"train ({config.adapter.method})",
     )
     train_time = time.perf_counter() - train_started
     log.close()
+    final = allocation if scheduler is None else scheduler.allocation
+    if scheduler is not None:
+        scheduler.close()
 
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         with atomic_directory(out / "adapter") as staging:
             model.save_pretrained(staging, safe_serialization=True)
+        save_allocation(final, targets, out, f"{config.adapter.method} ranks (end)")
+        if scheduler is not None:
+            save_allocation(
+                allocation, targets, out, f"{config.adapter.method} ranks (start)", name="allocation_start"
+            )
     results = evaluate(
         model,
         encoder,
@@ -159,12 +184,14 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         "seed": t.seed,
         "steps": t.max_steps,
         "target_modules": len(targets),
-        "budget_params": allocation.budget,
-        "used_params": allocation.params(targets),
-        "trainable_params": trainable,
-        "rank_min": min(allocation.ranks.values()),
-        "rank_max": max(allocation.ranks.values()),
+        "budget_params": budget.total,
+        "used_params": final.params(targets),
+        "trainable_params": trainable_parameters(model),
+        "max_trainable_params": Logger.max_trainable,
+        "rank_min": min(final.ranks.values()),
+        "rank_max": max(final.ranks.values()),
         "calibration_time_s": allocation.info.get("calibration_seconds", 0.0),
+        **(scheduler.summary() if scheduler is not None else {}),
         **results,
         "train_time_s": round(train_time, 2),
         "wall_time_s": round(time.perf_counter() - started, 2),
@@ -177,6 +204,7 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
             out / "predictions.jsonl", "".join(f"{json.dumps(p, sort_keys=True)}\n" for p in predictions)
         )
         accelerator.log({"eval/loss": metrics["eval_loss"], "eval/accuracy": metrics["eval_accuracy"]}, t.max_steps)
+        write_report(out, {config.adapter.method: out}, title=f"hydra-rank run: {config.adapter.method}")
     accelerator.end_training()
     console.print(f"[bold]hydra-rank[/]: run written to {out}")
     return RunResult(metrics, model, out)

@@ -83,13 +83,14 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def cached(name: str, build: Callable[[Path], None]) -> Path:
-    """`cache_root()/name`, built by `build(tmp_dir)` first if it is not there yet (once, under a lock)."""
+def cached(name: str, build: Callable[[Path], object], marker: str = "config.json") -> Path:
+    """`cache_root()/name`, built by `build(tmp_dir)` first if its `marker` file is not there yet (once, under a
+    lock; the directory appears only when complete)."""
     path = cache_root() / name
-    if (path / "config.json").is_file():
+    if (path / marker).is_file():
         return path
     with _locked(name):
-        if not (path / "config.json").is_file():
+        if not (path / marker).is_file():
             started = time.perf_counter()
             console.print(f"[bold]hydra-rank[/]: building {name} in {path.parent} (once)")
             with atomic_directory(path) as staging:

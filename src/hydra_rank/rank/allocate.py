@@ -139,3 +139,51 @@ def allocate(
     )
     result.check(targets, budget)
     return result
+
+
+def move_towards(
+    current: Allocation,
+    target: Allocation,
+    targets: list[Target],
+    utilities: dict[str, np.ndarray],
+    budget: Budget,
+    max_params: float,
+) -> Allocation:
+    """Go part of the way from `current` to `target`, moving at most `max_params` parameters of budget.
+
+    Rank increases towards the target are taken best gain per parameter first; each is paid for, when the budget
+    has no room left, by the rank decreases towards the target that cost the least predicted gain per parameter.
+    The budget holds after every single step, and ranks stay on the granularity lattice.
+    """
+    step = budget.granularity
+    ranks = dict(current.ranks)
+    grows, shrinks = [], []
+    for index, t in enumerate(targets):
+        now, goal, u = ranks[t.name], target.ranks[t.name], utilities[t.name]
+        grows += [(-(u[r + step] - u[r]) / (step * t.cost), index, r) for r in range(now, goal, step)]
+        shrinks += [((u[r] - u[r - step]) / (step * t.cost), index, -r) for r in range(now, goal, -step)]
+    grows.sort()
+    shrinks.sort()
+    free = budget.total - current.params(targets)
+    moved, funded = 0, 0
+    for _, index, rank in grows:
+        grow = targets[index]
+        cost = step * grow.cost
+        if moved + cost > max_params:
+            break
+        while free < cost and funded < len(shrinks):
+            _, shrink_index, negative_rank = shrinks[funded]
+            shrink = targets[shrink_index]
+            assert ranks[shrink.name] == -negative_rank, "shrink steps must be taken top down"
+            ranks[shrink.name] -= step
+            free += step * shrink.cost
+            funded += 1
+        if free < cost:
+            break
+        assert ranks[grow.name] == rank, "grow steps must be taken bottom up"
+        ranks[grow.name] += step
+        free -= cost
+        moved += cost
+    result = Allocation(ranks, budget.total, {**target.info, "moved_params": moved})
+    result.check(targets, budget)
+    return result

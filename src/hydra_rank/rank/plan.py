@@ -15,10 +15,9 @@ from ..errors import ConfigError
 from ..utils import atomic_write_text
 from .allocate import allocate
 from .budget import Allocation, Budget, Target, discover_targets, uniform_budget
-from .signals import gradient_spectra
+from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, gradient_spectra
 
-MODES = {"hydra-static": "hierarchical", "hydra-coarse": "coarse", "hydra-fine": "fine"}
-SKETCH_OVERSAMPLING = 8  # extra sketch columns beyond max_rank: keeps the top max_rank singular values accurate
+MODES = {"hydra": "hierarchical", "hydra-static": "hierarchical", "hydra-coarse": "coarse", "hydra-fine": "fine"}
 
 
 def make_budget(config: AdapterConfig, targets: list[Target]) -> Budget:
@@ -34,7 +33,7 @@ def calibrated_allocation(
     batches: list[dict[str, torch.Tensor]],
     seed: int = 0,
     show_progress: bool = True,
-) -> Allocation:
+) -> tuple[Allocation, dict[str, ModuleSpectrum]]:
     """Gradient spectra on `batches`, then the allocation that maximises the captured energy under `budget`."""
     budget.check_feasible(targets)
     spectra, seconds = gradient_spectra(
@@ -45,33 +44,47 @@ def calibrated_allocation(
     allocation.info["calibration_seconds"] = round(seconds, 2)
     allocation.info["calibration_batches"] = len(batches)
     allocation.info["signal"] = "stacked calibration-gradient spectrum (output side)"
-    return allocation
+    return allocation, spectra
+
+
+def needs_calibration(config: RunConfig) -> bool:
+    adapter = config.adapter
+    if adapter.method == "lora" or adapter.allocation_path:
+        return False
+    return adapter.method != "hydra" or config.schedule.init == "calibrated"
 
 
 def initial_allocation(
-    config: AdapterConfig,
+    config: RunConfig,
     model: nn.Module,
     targets: list[Target],
     batches: list[dict[str, torch.Tensor]],
-    seed: int = 0,
     show_progress: bool = True,
-) -> Allocation:
-    """The allocation a run of `config.method` starts from."""
-    if config.method == "lora":
-        return Allocation.uniform(targets, config.rank)
-    budget = make_budget(config, targets)
-    if config.allocation_path:
-        allocation = Allocation.load(config.allocation_path)
+) -> tuple[Allocation, Budget, dict[str, ModuleSpectrum] | None]:
+    """The allocation a run starts from, the budget it lives in, and the calibration spectra when it has them."""
+    adapter = config.adapter
+    if adapter.method == "lora":
+        uniform = Allocation.uniform(targets, adapter.rank)
+        return uniform, Budget(uniform.budget, adapter.rank, adapter.rank), None
+    budget = make_budget(adapter, targets)
+    budget.check_feasible(targets)
+    if adapter.allocation_path:
+        allocation = Allocation.load(adapter.allocation_path)
         try:
             allocation.check(targets, budget)
         except ValueError as error:
             raise ConfigError(
-                f"adapter.allocation_path {config.allocation_path} does not fit this run: {error}"
+                f"adapter.allocation_path {adapter.allocation_path} does not fit this run: {error}"
             ) from None
-        return allocation
-    allocation = calibrated_allocation(model, targets, budget, MODES[config.method], batches, seed, show_progress)
-    allocation.info["method"] = config.method
-    return allocation
+        return allocation, budget, None
+    if not needs_calibration(config):  # hydra with a uniform warm-up: the first decision allocates
+        rank = max(budget.min_rank, min(adapter.rank, budget.total // sum(t.cost for t in targets)))
+        return Allocation({t.name: rank for t in targets}, budget.total, {"method": "uniform warm-up"}), budget, None
+    allocation, spectra = calibrated_allocation(
+        model, targets, budget, MODES[adapter.method], batches, config.train.seed, show_progress
+    )
+    allocation.info["method"] = adapter.method
+    return allocation, budget, spectra
 
 
 def calibration_batches(
@@ -86,12 +99,14 @@ def calibration_batches(
     return batches
 
 
-def save_allocation(allocation: Allocation, targets: list[Target], directory: Path, title: str) -> None:
-    """`allocation.json` and its layer x module heatmap `allocation.png`."""
+def save_allocation(
+    allocation: Allocation, targets: list[Target], directory: Path, title: str, name: str = "allocation"
+) -> None:
+    """`NAME.json` and its layer x module heatmap `NAME.png`."""
     from ..report import plot_allocation
 
-    atomic_write_text(directory / "allocation.json", allocation.to_json())
-    plot_allocation(allocation.ranks, targets, directory / "allocation.png", title)
+    atomic_write_text(directory / f"{name}.json", allocation.to_json())
+    plot_allocation(allocation.ranks, targets, directory / f"{name}.png", title)
 
 
 def allocate_for_config(config: RunConfig, output_dir: Path, show_progress: bool = True) -> tuple[Allocation, list]:
@@ -99,7 +114,7 @@ def allocate_for_config(config: RunConfig, output_dir: Path, show_progress: bool
     gets the full hierarchical allocation at its budget."""
     from ..models.loading import load_model
 
-    method = config.adapter.method if config.adapter.method in MODES else "hydra-static"
+    method = config.adapter.method if config.adapter.method in MODES else "hydra"
     model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, _ = load_samples(config.data, config.train.seed)

@@ -26,6 +26,8 @@ from ..loss import answer_loss
 from ..utils import progress_bar
 from .budget import Target
 
+SKETCH_OVERSAMPLING = 8  # sketch columns beyond max_rank: keeps the top max_rank singular values accurate
+
 
 @dataclass
 class ModuleSpectrum:

@@ -1,0 +1,219 @@
+"""Dynamic rank scheduling: the HyDRA scheduler, a hook the training loop calls at every step boundary.
+
+Timeline (fractions of the run, `schedule.*` in the config):
+
+    step 1 ........ warm-up ........ d1 ... d2 ... d3 ... dk (freeze) ........ last step
+                                     └ a decision every interval ┘
+
+Before each decision the gradients of the last `signal_steps` steps are sketched (`signals.py`, no extra forward or
+backward pass), and between decisions every module's realised contribution to the loss decrease is accumulated
+from its own parameter updates (optimizer hooks). At a decision the scheduler
+
+1. scores the previous decision's predictions against what was realised (Spearman across modules) and refits the
+   performance model on it (`perf_model.py`);
+2. predicts every module's gain at every rank and solves the hierarchical allocation (coarse: layer budgets, fine:
+   module ranks; `allocate.py`) under the same parameter budget;
+3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget (the first
+   decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation);
+4. resizes the affected adapters in place (`resize.py`) and tells the loop to re-bind the optimizer;
+5. appends the decision to `allocation_history.jsonl`.
+
+After the last decision the ranks are frozen and the adapter trains on at its final, physically compact shape.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from ..config import ScheduleConfig
+from ..utils import JsonlWriter
+from .allocate import allocate, move_towards
+from .budget import Allocation, Budget, Target
+from .perf_model import PerfModel, spearman
+from .resize import ADAPTER, apply_allocation, lora_layers
+from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
+
+
+def decision_steps(total_steps: int, config: ScheduleConfig) -> list[int]:
+    """The steps at which the scheduler re-allocates (never the last step: a change there would not be trained)."""
+    first = max(1, round(config.warmup_fraction * total_steps))
+    interval = max(1, round(config.interval_fraction * total_steps))
+    last = min(total_steps - 1, round(config.freeze_fraction * total_steps))
+    return list(range(first, last + 1, interval))
+
+
+class HydraScheduler:
+    """Loop hook (`loop.StepHooks`) that owns the allocation of a PEFT LoRA model during training."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        targets: list[Target],
+        budget: Budget,
+        allocation: Allocation,
+        config: ScheduleConfig,
+        total_steps: int,
+        *,
+        mode: str = "hierarchical",
+        seed: int = 0,
+        history_path: Path | None = None,
+        initial_spectra: dict[str, ModuleSpectrum] | None = None,
+        debug_checks: bool = False,
+    ) -> None:
+        self.model, self.targets, self.budget, self.config = model, targets, budget, config
+        self.allocation = allocation
+        self.mode, self.seed, self.debug_checks = mode, seed, debug_checks
+        self.decisions = decision_steps(total_steps, config)
+        self.perf_model = PerfModel(targets)
+        self.layers = lora_layers(model)
+        self.names = [t.name for t in targets]
+        self.realised = np.zeros(len(targets))
+        self.sketches: SketchHooks | None = None
+        self.pending: tuple[np.ndarray, np.ndarray] | None = None  # features and predictions of the last decision
+        if initial_spectra is not None:
+            self.pending = self._predict(self._curves(initial_spectra), allocation)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seconds = {"sketch": 0.0, "perf_model": 0.0, "allocate": 0.0, "resize": 0.0, "attribution": 0.0}
+        self.history = JsonlWriter(history_path) if history_path else None
+        self.decisions_made = 0
+        self.spearmans: list[float] = []
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- attribution: what each module's updates removed from the loss -------------------------------------
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Measure every optimizer step's first-order loss change per module: −⟨grad, Δθ⟩ over its A and B."""
+        base = getattr(optimizer, "optimizer", optimizer)
+        base.register_step_pre_hook(self._before_step)
+        base.register_step_post_hook(self._after_step)
+
+    def _factors(self, name: str) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        layer = self.layers[name]
+        return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._before = {name: tuple(p.detach().clone() for p in self._factors(name)) for name in self.names}
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        started = time.perf_counter()
+        for index, name in enumerate(self.names):
+            for parameter, old in zip(self._factors(name), self._before[name], strict=True):
+                if parameter.grad is not None:
+                    self.realised[index] -= float((parameter.grad * (parameter.detach() - old)).sum())
+        self._before = {}
+        self.seconds["attribution"] += time.perf_counter() - started
+
+    # ---- loop hooks ---------------------------------------------------------------------------------------
+    def step_begin(self, step: int) -> None:
+        upcoming = [d for d in self.decisions if d >= step]
+        if upcoming and upcoming[0] - self.config.signal_steps < step and self.sketches is None:
+            rank = self.budget.max_rank + SKETCH_OVERSAMPLING
+            self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, seed=self.seed + step)
+
+    def step_end(self, step: int, record: dict[str, Any]) -> bool:
+        changed = step in self.decisions and self._decide(step, record)
+        if self.debug_checks:
+            self.check()
+        return changed
+
+    def check(self) -> None:
+        """The budget invariant: adapters are physically their allocated size, and that size fits the budget."""
+        sizes = {name: self.layers[name].r[ADAPTER] for name in self.names}
+        assert sizes == self.allocation.ranks, "adapter sizes differ from the allocation"
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        used = self.allocation.params(self.targets)
+        assert trainable == used <= self.budget.total, f"{trainable=} {used=} budget={self.budget.total}"
+
+    # ---- decisions ----------------------------------------------------------------------------------------
+    def _curves(self, spectra: dict[str, ModuleSpectrum]) -> np.ndarray:
+        return np.stack([spectra[name].utility(self.budget.max_rank) for name in self.names])
+
+    def _predict(self, curves: np.ndarray, allocation: Allocation) -> tuple[np.ndarray, np.ndarray]:
+        ranks = np.array([allocation.ranks[name] for name in self.names], dtype=np.float64)
+        x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks)
+        return x, self.perf_model.predict(x)
+
+    def _decide(self, step: int, record: dict[str, Any]) -> bool:
+        started = time.perf_counter()
+        assert self.sketches is not None, "no gradient sketch before a decision"
+        spectra = self.sketches.results()
+        self.seconds["sketch"] += self.sketches.seconds
+        self.sketches.remove()
+        self.sketches = None
+        curves = self._curves(spectra)
+        entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
+
+        tick = time.perf_counter()
+        if self.pending is not None:
+            features, predicted = self.pending
+            entry["spearman"] = spearman(predicted, self.realised)
+            entry["predicted_gain_previous"] = float(predicted.sum())
+            entry["realised_gain"] = float(self.realised.sum())
+            entry["per_module"] = {"predicted": predicted.tolist(), "realised": self.realised.tolist()}
+            self.spearmans.append(entry["spearman"])
+            self.perf_model.fit(features, self.realised.copy())
+        self.realised[:] = 0.0
+        utilities = dict(zip(self.names, self.perf_model.utilities(curves), strict=True))
+        self.seconds["perf_model"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        target = allocate(self.targets, utilities, self.budget, self.mode)
+        uniform_start = self.decisions_made == 0 and self.config.init == "warmup"
+        if uniform_start:
+            new = target
+        else:
+            new = move_towards(
+                self.allocation,
+                target,
+                self.targets,
+                utilities,
+                self.budget,
+                self.config.max_move_fraction * self.budget.total,
+            )
+        self.seconds["allocate"] += time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        directions = {name: spectrum.input_directions for name, spectrum in spectra.items()}
+        resized = apply_allocation(self.model, new, directions, self.generator)
+        self.seconds["resize"] += time.perf_counter() - tick
+
+        moved = sum(abs(new.ranks[t.name] - self.allocation.ranks[t.name]) * t.cost for t in self.targets) // 2
+        self.allocation = new
+        self.pending = self._predict(curves, new)
+        self.decisions_made += 1
+        entry.update(
+            ranks=new.ranks,
+            predicted_gain=float(self.pending[1].sum()),
+            used_params=new.params(self.targets),
+            budget_params=self.budget.total,
+            moved_params=int(moved),
+            resized_modules=len(resized),
+            dropped_energy=float(sum(r.dropped_energy for r in resized)),
+            perf_model=self.perf_model.describe(),
+            seconds=time.perf_counter() - started,
+        )
+        if self.history is not None:
+            self.history.write(entry)
+        record["hydra_decision_s"] = entry["seconds"]
+        return bool(resized)
+
+    def summary(self) -> dict[str, Any]:
+        finite = [s for s in self.spearmans if np.isfinite(s)]
+        return {
+            "decisions": self.decisions_made,
+            "mean_spearman": float(np.mean(finite)) if finite else None,
+            "scheduler_time_s": round(sum(self.seconds.values()), 3),
+            **{f"{key}_time_s": round(value, 3) for key, value in self.seconds.items()},
+        }
+
+    def close(self) -> None:
+        if self.sketches is not None:
+            self.sketches.remove()
+        if self.history is not None:
+            self.history.close()

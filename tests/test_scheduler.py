@@ -1,0 +1,146 @@
+"""Dynamic HyDRA: decision timing, capped moves, the performance model, and whole runs with many decisions."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
+
+from hydra_rank.config import ScheduleConfig
+from hydra_rank.models.loading import load_model
+from hydra_rank.rank.allocate import allocate, move_towards
+from hydra_rank.rank.budget import Allocation, Budget, discover_targets, uniform_budget
+from hydra_rank.rank.perf_model import PerfModel, spearman
+from hydra_rank.rank.scheduler import decision_steps
+from hydra_rank.train import run
+from hydra_rank.utils import read_jsonl
+
+from .test_allocate import concave_utilities, make_targets
+from .test_train import tiny_config
+
+
+def test_decision_steps():
+    assert decision_steps(60, ScheduleConfig()) == [6, 12, 18, 24, 30, 36, 42]
+    assert decision_steps(10, ScheduleConfig(warmup_fraction=0.1, interval_fraction=0.1, freeze_fraction=1.0)) == list(
+        range(1, 10)
+    )  # never on the last step
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.01, 1.0))
+def test_capped_moves_go_towards_the_target_within_budget(seed, fraction):
+    rng = np.random.default_rng(seed)
+    targets = make_targets(3, [(8, 16), (16, 8), (8, 8)])
+    budget = Budget(uniform_budget(targets, 4), min_rank=1, max_rank=12, granularity=int(rng.integers(1, 3)))
+    start = allocate(targets, concave_utilities(targets, 12, rng), budget)
+    utilities = concave_utilities(targets, 12, rng)
+    target = allocate(targets, utilities, budget)
+    cap = fraction * budget.total
+    moved = move_towards(start, target, targets, utilities, budget, cap)
+    assert moved.params(targets) <= budget.total
+    assert moved.info["moved_params"] <= cap
+    for t in targets:
+        low, high = sorted((start.ranks[t.name], target.ranks[t.name]))
+        assert low <= moved.ranks[t.name] <= high  # never past the target, never away from it
+    if fraction == 1.0 or cap >= budget.total:
+        assert moved.params(targets) >= start.params(targets) - max(t.cost for t in targets) * budget.granularity
+
+
+def test_perf_model_recovers_a_known_gain_law():
+    """Realised gains generated as energy^0.5 * 3^[kind is v_proj]: the fit finds both effects and predicts
+    better than the energy-only prior."""
+    rng = np.random.default_rng(0)
+    targets = make_targets(6, [(16, 16), (16, 16), (16, 16)])  # q, k, v
+    model = PerfModel(targets, ridge=0.01)
+    is_v = np.array([t.kind == "v_proj" for t in targets], dtype=float)
+    for _ in range(3):
+        energy, ranks = rng.lognormal(0, 2, len(targets)), rng.integers(1, 9, len(targets)).astype(float)
+        x = model.features(energy, ranks)
+        realised = energy**0.5 * 3**is_v * rng.lognormal(0, 0.05, len(targets))
+        model.fit(x, realised)
+    weights = model.describe()
+    assert weights["log_energy"] == pytest.approx(0.5, abs=0.05)
+    assert weights["kind:v_proj"] - weights["kind:q_proj"] == pytest.approx(np.log(3), abs=0.1)
+    fitted, prior = model.predict(x), PerfModel(targets).predict(x)
+    assert spearman(fitted, realised) > 0.98
+    assert spearman(fitted, realised) > spearman(prior, realised) + 0.02
+    assert np.abs(np.log(fitted / realised)).mean() < 0.2  # the intercept puts predictions in the right units
+
+
+def test_perf_model_utilities_are_concave_and_start_at_zero():
+    targets = make_targets(2, [(8, 8)])
+    model = PerfModel(targets)
+    curves = np.cumsum(np.abs(np.random.default_rng(1).normal(size=(2, 9))), axis=1)
+    curves[:, 0] = 0
+    utilities = model.utilities(curves)
+    assert np.all(utilities[:, 0] == 0)
+    increments = np.diff(utilities, axis=1)
+    assert np.all(increments >= 0) and np.all(np.diff(increments, axis=1) <= 1e-12)
+    assert spearman(np.arange(5.0), np.arange(5.0) ** 3) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def hydra_runs(tiny_llava_dir, tmp_path_factory):
+    """The same many-decision run twice (for determinism), with the budget asserted after every step."""
+    from .conftest import write_colour_dataset
+
+    root = tmp_path_factory.mktemp("hydra")
+    dataset = write_colour_dataset(root / "data", count=16)
+    results = []
+    for name in ("a", "b"):
+        config = tiny_config(tiny_llava_dir, dataset, root / name, max_steps=12, grad_accum=2, debug_checks=True)
+        config.adapter.method = "hydra"
+        config.adapter.max_rank = 6
+        config.schedule = ScheduleConfig(
+            warmup_fraction=0.1, interval_fraction=0.1, freeze_fraction=0.9, signal_steps=1, max_move_fraction=0.3
+        )
+        results.append((config, run(config, show_progress=False)))
+    return results
+
+
+def test_budget_holds_at_every_step_across_many_decisions(hydra_runs):
+    config, result = hydra_runs[0]
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert [entry["step"] for entry in history] == decision_steps(12, config.schedule) == list(range(1, 12))
+    budget = result.metrics["budget_params"]
+    assert all(entry["used_params"] <= budget for entry in history)
+    log = read_jsonl(result.output_dir / "log.jsonl")
+    assert all(record["trainable_params"] <= budget for record in log)
+    assert result.metrics["max_trainable_params"] <= budget
+    distinct = {tuple(entry["ranks"].values()) for entry in history}
+    assert len(distinct) > 2  # ranks really moved
+    assert all(entry["moved_params"] <= 0.3 * budget + 1 for entry in history[1:])  # capped after the first
+    assert sum(entry["resized_modules"] for entry in history) > 0
+    later = [entry for entry in history if "spearman" in entry]
+    assert len(later) == len(history) - 1 and all(-1 <= entry["spearman"] <= 1 for entry in later)
+    assert result.metrics["decisions"] == 11 and result.metrics["scheduler_time_s"] > 0
+
+
+def test_decisions_are_deterministic_for_a_seed(hydra_runs):
+    (_, first), (_, second) = hydra_runs
+    histories = [read_jsonl(r.output_dir / "allocation_history.jsonl") for r in (first, second)]
+    assert [h["ranks"] for h in histories[0]] == [h["ranks"] for h in histories[1]]
+    losses = [[r["loss"] for r in read_jsonl(x.output_dir / "log.jsonl")] for x in (first, second)]
+    assert losses[0] == losses[1]
+
+
+def test_final_adapter_is_compact_and_reloads_with_stock_peft(hydra_runs):
+    config, result = hydra_runs[0]
+    final = Allocation.load(result.output_dir / "allocation.json")
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert final.ranks == history[-1]["ranks"]
+    assert result.metrics["trainable_params"] == final.params(discover_targets(result.model.base_model.model))
+    base, _ = load_model(config.model.name_or_path)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+    assert (result.output_dir / "allocation_start.png").is_file()
+
+
+def test_hydra_run_report_shows_the_allocation_story(hydra_runs):
+    _, result = hydra_runs[0]
+    page = (result.output_dir / "report.html").read_text()
+    for png in ("allocation_start.png", "allocation.png", "rank_over_time.png", "predictions.png", "loss_curves.png"):
+        assert png in page and (result.output_dir / png).stat().st_size > 5_000, png
