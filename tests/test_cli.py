@@ -97,3 +97,12 @@ def test_allocate_then_export(tiny_llava_dir, colour_dataset, tmp_path):
 def test_export_of_something_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path)])
     assert result.exit_code == 2 and "is not a finished run directory" in result.output
+
+
+def test_make_scenes_writes_a_llava_dataset(tmp_path):
+    result = runner.invoke(app, ["make-scenes", str(tmp_path / "scenes"), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "train and" in result.output
+    from hydra_rank.data.llava_json import load_llava_json
+
+    assert len(load_llava_json(tmp_path / "scenes" / "test.jsonl")) > 1000

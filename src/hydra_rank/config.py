@@ -90,7 +90,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     eval_every: int = 0  # steps between eval-loss checks during training (0: only at the end)
-    output_dir: str = "runs/tiny-lora"
+    output_dir: str = "runs/tiny-hydra"
     debug_checks: bool = False  # assert the parameter budget (and adapter sizes) after every step
 
 

@@ -68,15 +68,19 @@ class StackedGradientSketch:
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor, grads: torch.Tensor) -> None:
-        """Add one batch: `inputs` (tokens x d_in) and `grads` (tokens x d_out) give G = gradsᵀ inputs."""
+        """Add one batch: `inputs` (tokens x d_in) and `grads` (tokens x d_out) give G = gradsᵀ inputs.
+
+        The token-sized products run in the activations' precision; only the small k-column results are factored
+        in float64.
+        """
         started = time.perf_counter()
-        x = inputs.reshape(-1, inputs.shape[-1]).double()
-        d = grads.reshape(-1, grads.shape[-1]).double()
-        omega = torch.randn(self.d_in, self.rank, generator=self.generator, dtype=torch.float64).to(x.device)
-        sample = d.T @ (x @ omega)  # G Ω, d_out x k
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        d = grads.reshape(-1, grads.shape[-1]).float()
+        omega = torch.randn(self.d_in, self.rank, generator=self.generator).to(x.device)
+        sample = (d.T @ (x @ omega)).double()  # G Ω, d_out x k
         self.total_energy += float(sample.square().sum()) / self.rank
         basis, _ = torch.linalg.qr(sample)
-        small = (basis.T @ d.T) @ x  # Qᵀ G, k x d_in
+        small = ((basis.T.float() @ d.T) @ x).double()  # Qᵀ G, k x d_in
         u, s, vh = torch.linalg.svd(small, full_matrices=False)  # G ≈ (Q u) diag(s) vh
         self.output_factor = _merge(self.output_factor, (basis @ u) * s, self.rank)
         self.input_factor = _merge(self.input_factor, vh.T * s, self.rank)
