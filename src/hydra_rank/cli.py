@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import HydraError
+from .errors import ConfigError, HydraError
 from .utils import console
 
 # Results go to stdout (wide enough for the table when piped to a file); progress and messages go to stderr.
@@ -173,6 +173,35 @@ def export(
         result = export_run(run_dir, output_dir or run_dir / "export")
         console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
         console.print(f"merge check: largest logit difference {result['max_logit_diff']:.2e}")
+
+
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Base YAML configuration shared by every run.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "lora,hydra",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (the same seeds for every method).")] = "0,1,2",
+    output_dir: Annotated[Path, typer.Option(help="Benchmark folder (runs, results.json, results.md, plots).")] = Path(
+        "runs/bench"
+    ),
+    set_: SetOption = None,
+) -> None:
+    """Run every method x seed on the same model, data order, steps, schedule and budget, one after another, and
+    write results.json, a mean ± std markdown table and plots. Finished runs with an identical config are reused."""
+    with _user_errors():
+        from .bench import run_bench
+        from .config import METHODS
+
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = sorted(set(chosen) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        try:
+            seed_list = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+        result = run_bench(_config(config, set_), chosen, seed_list, output_dir)
+        stdout.print(result.table)
+        console.print(f"results in {output_dir}/results.json, results.md and plots")
 
 
 @app.command("make-scenes")

@@ -45,52 +45,63 @@ class ModuleSpectrum:
         return captured[: max_rank + 1]
 
 
-def _merge(factor: torch.Tensor | None, new: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` factor F with F Fᵀ ≈ factor factorᵀ + new newᵀ (a frequent-directions style merge)."""
-    stacked = new if factor is None else torch.cat([factor, new], dim=1)
-    left, values, _ = torch.linalg.svd(stacked, full_matrices=False)
-    return left[:, :rank] * values[:rank]
+def _top_factor(stacked: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` factor F of a tall matrix M (F Fᵀ ≈ M Mᵀ): thin QR, then the SVD of the small R only."""
+    basis, triangle = torch.linalg.qr(stacked)
+    left, values, _ = torch.linalg.svd(triangle)
+    return (basis @ left[:, :rank]) * values[:rank]
 
 
 class StackedGradientSketch:
     """Streaming rank-k factors of a module's gradients G_b = Δ_bᵀ X_b, fed with (inputs, output grads) per batch:
     an output-side factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ and an input-side factor D (d_in x k) with
-    D Dᵀ ≈ Σ_b G_bᵀ G_b. Neither G_b nor any d_out x d_in matrix is ever formed."""
+    D Dᵀ ≈ Σ_b G_bᵀ G_b. Neither G_b nor any d_out x d_in matrix is ever formed.
+
+    Each batch contributes a k-column factor per side; they are buffered and compressed back to k columns (a
+    frequent-directions style merge) once `MERGE_EVERY` batches have accumulated, so memory stays O(k·d) per side.
+    """
+
+    MERGE_EVERY = 4
 
     def __init__(self, d_in: int, rank: int, seed: int) -> None:
         self.rank = rank
         self.d_in = d_in
         self.generator = torch.Generator().manual_seed(seed)
-        self.output_factor: torch.Tensor | None = None
-        self.input_factor: torch.Tensor | None = None
+        self.output_parts: list[torch.Tensor] = []
+        self.input_parts: list[torch.Tensor] = []
         self.total_energy = 0.0
         self.seconds = 0.0
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor, grads: torch.Tensor) -> None:
-        """Add one batch: `inputs` (tokens x d_in) and `grads` (tokens x d_out) give G = gradsᵀ inputs.
-
-        The token-sized products run in the activations' precision; only the small k-column results are factored
-        in float64.
-        """
+        """Add one batch: `inputs` (tokens x d_in) and `grads` (tokens x d_out) give G = gradsᵀ inputs."""
         started = time.perf_counter()
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         d = grads.reshape(-1, grads.shape[-1]).float()
         omega = torch.randn(self.d_in, self.rank, generator=self.generator).to(x.device)
-        sample = (d.T @ (x @ omega)).double()  # G Ω, d_out x k
+        sample = d.T @ (x @ omega)  # G Ω, d_out x k
         self.total_energy += float(sample.square().sum()) / self.rank
         basis, _ = torch.linalg.qr(sample)
-        small = ((basis.T.float() @ d.T) @ x).double()  # Qᵀ G, k x d_in
-        u, s, vh = torch.linalg.svd(small, full_matrices=False)  # G ≈ (Q u) diag(s) vh
-        self.output_factor = _merge(self.output_factor, (basis @ u) * s, self.rank)
-        self.input_factor = _merge(self.input_factor, vh.T * s, self.rank)
+        small = (basis.T @ d.T) @ x  # Qᵀ G, k x d_in
+        right, triangle = torch.linalg.qr(small.T)  # small = triangleᵀ rightᵀ
+        u, s, vh = torch.linalg.svd(triangle.T)  # G ≈ (Q u) diag(s) (right vhᵀ)ᵀ
+        self.output_parts.append((basis @ u) * s)
+        self.input_parts.append((right @ vh.T) * s)
+        if len(self.output_parts) >= self.MERGE_EVERY:
+            self._compress()
         self.seconds += time.perf_counter() - started
 
+    def _compress(self) -> None:
+        self.output_parts = [_top_factor(torch.cat(self.output_parts, dim=1), self.rank)]
+        self.input_parts = [_top_factor(torch.cat(self.input_parts, dim=1), self.rank)]
+
     def result(self) -> ModuleSpectrum:
-        if self.output_factor is None or self.input_factor is None:
+        if not self.output_parts:
             raise RuntimeError("no calibration batch reached this module")
-        sigma = torch.linalg.svdvals(self.output_factor).cpu().numpy()
-        directions = torch.linalg.svd(self.input_factor, full_matrices=False)[0].float().cpu()
+        self._compress()
+        output, inputs = self.output_parts[0].double(), self.input_parts[0].double()
+        sigma = torch.linalg.svdvals(output).cpu().numpy()
+        directions = torch.linalg.svd(inputs, full_matrices=False)[0].float().cpu()
         return ModuleSpectrum(sigma, max(self.total_energy, float((sigma**2).sum())), directions)
 
 
