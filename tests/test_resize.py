@@ -53,6 +53,7 @@ def test_grow_keeps_outputs_and_adds_uncovered_directions(adapted):
     torch.testing.assert_close(delta_w(layer), before_w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(layer(x), before_out, atol=1e-5, rtol=1e-5)
     assert torch.all(layer.lora_B[ADAPTER].weight[:, 4:] == 0)
+    assert torch.equal(layer.lora_A[ADAPTER].weight[:4], old_rows)  # growing keeps A and B as they were
     new_rows = layer.lora_A[ADAPTER].weight[4:].detach()
     assert (new_rows @ old_rows.T).abs().max() < 1e-5  # orthogonal to what A already covered
     # the first new row is the first hint direction, minus its part in the old row space
@@ -84,11 +85,42 @@ def test_resizing_an_untrained_adapter_keeps_it_trainable(tokenizer):
     targets = discover_targets(model)
     peft_model = attach_lora(model, AdapterConfig(rank=4), Allocation.uniform(targets, 4))
     layer = lora_layers(peft_model)[targets[0].name]
-    norm = layer.lora_A[ADAPTER].weight.detach().norm(dim=1).mean()
-    for rank in (2, 6):
-        resize_layer(layer, targets[0].name, rank)
-        rows = layer.lora_A[ADAPTER].weight.detach().norm(dim=1)
-        assert torch.allclose(rows, torch.full_like(rows, float(norm)), rtol=0.05)
+    rms = float(layer.lora_A[ADAPTER].weight.detach().square().mean(dim=1).sum().sqrt() / 2)
+    resize_layer(layer, targets[0].name, 6)
+    grown = layer.lora_A[ADAPTER].weight.detach().norm(dim=1)
+    torch.testing.assert_close(grown[4:], torch.full((2,), rms * 32**0.5), rtol=1e-5, atol=0)
+    resize_layer(layer, targets[0].name, 2)
+    rows = layer.lora_A[ADAPTER].weight.detach().norm(dim=1)
+    assert torch.all(rows > 0.5 * rms * 32**0.5)
+
+
+def test_optimizer_state_is_carried_when_growing_and_reset_when_shrinking(adapted):
+    model, targets = adapted
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 1000, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    grow, shrink = lora_layers(model)[targets[0].name], lora_layers(model)[targets[1].name]
+    old_a, old_shrink_a = grow.lora_A[ADAPTER].weight, shrink.lora_A[ADAPTER].weight
+    old_state = {k: v.clone() for k, v in optimizer.state[old_a].items()}
+    slot = next(i for i, p in enumerate(optimizer.param_groups[0]["params"]) if p is old_a)
+    resize_layer(grow, targets[0].name, 6, optimizer=optimizer)
+    resize_layer(shrink, targets[1].name, 2, optimizer=optimizer)
+    new_a = grow.lora_A[ADAPTER].weight
+    assert optimizer.param_groups[0]["params"][slot] is new_a
+    state = optimizer.state[new_a]
+    assert torch.equal(state["exp_avg"][:4], old_state["exp_avg"]) and torch.all(state["exp_avg"][4:] == 0)
+    assert torch.equal(state["exp_avg_sq"][:4], old_state["exp_avg_sq"])
+    torch.testing.assert_close(state["exp_avg_sq"][4:], torch.full((2, 32), float(old_state["exp_avg_sq"].mean())))
+    assert torch.equal(state["step"], old_state["step"])
+    live = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(old_shrink_a) not in live and old_shrink_a not in optimizer.state
+    rebind_optimizer(optimizer, model, step=3)
+    assert optimizer.param_groups[-1]["born"] == 3
+    assert {id(p) for p in optimizer.param_groups[-1]["params"]} == {
+        id(shrink.lora_A[ADAPTER].weight),
+        id(shrink.lora_B[ADAPTER].weight),
+    }
 
 
 def test_resized_adapter_saves_and_reloads_with_stock_peft(adapted, tmp_path):

@@ -75,7 +75,8 @@ class ScheduleConfig:
     interval_fraction: float = 0.1  # then one decision per interval...
     freeze_fraction: float = 0.7  # ...until here; the ranks stay fixed afterwards
     max_move_fraction: float = 0.15  # at most this share of the budget changes hands per decision (not the first)
-    signal_steps: int = 2  # steps before each decision whose gradients are sketched
+    margin: float = 0.2  # rank moves only if the receiver's predicted gain/param beats the giver's loss by 20 %
+    signal_steps: int = 1  # steps before each decision whose gradients are sketched
     resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
 
 
@@ -212,6 +213,7 @@ def validate(config: RunConfig) -> RunConfig:
     for key in ("warmup_fraction", "interval_fraction", "freeze_fraction", "max_move_fraction"):
         _require(0 < getattr(sc, key) <= 1, f"schedule.{key} must be in (0, 1], got {getattr(sc, key)}")
     _require(sc.warmup_fraction <= sc.freeze_fraction, "schedule.warmup_fraction must not exceed freeze_fraction")
+    _require(sc.margin >= 0, f"schedule.margin must be >= 0, got {sc.margin}")
     _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
     _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")
     for key in ("max_steps", "batch_size", "grad_accum"):

@@ -148,12 +148,15 @@ def move_towards(
     utilities: dict[str, np.ndarray],
     budget: Budget,
     max_params: float,
+    margin: float = 0.0,
 ) -> Allocation:
     """Go part of the way from `current` to `target`, moving at most `max_params` parameters of budget.
 
     Rank increases towards the target are taken best gain per parameter first; each is paid for, when the budget
-    has no room left, by the rank decreases towards the target that cost the least predicted gain per parameter.
-    The budget holds after every single step, and ranks stay on the granularity lattice.
+    has no room left, by the rank decreases towards the target that cost the least predicted gain per parameter. An
+    exchange happens only if the increase's gain per parameter beats the decreases' loss per parameter by the factor
+    (1 + `margin`): small predicted improvements are not worth disturbing two adapters. The budget holds after every
+    single step, and ranks stay on the granularity lattice.
     """
     step = budget.granularity
     ranks = dict(current.ranks)
@@ -166,23 +169,26 @@ def move_towards(
     shrinks.sort()
     free = budget.total - current.params(targets)
     moved, funded = 0, 0
-    for _, index, rank in grows:
+    for negative_ratio, index, rank in grows:
         grow = targets[index]
         cost = step * grow.cost
         if moved + cost > max_params:
             break
-        while free < cost and funded < len(shrinks):
-            _, shrink_index, negative_rank = shrinks[funded]
+        available, needed, worst = free, funded, 0.0
+        while available < cost and needed < len(shrinks):
+            worst = max(worst, shrinks[needed][0])
+            available += step * targets[shrinks[needed][1]].cost
+            needed += 1
+        if available < cost or -negative_ratio < (1 + margin) * worst:
+            break
+        for _, shrink_index, negative_rank in shrinks[funded:needed]:
             shrink = targets[shrink_index]
             assert ranks[shrink.name] == -negative_rank, "shrink steps must be taken top down"
             ranks[shrink.name] -= step
-            free += step * shrink.cost
-            funded += 1
-        if free < cost:
-            break
+        funded = needed
         assert ranks[grow.name] == rank, "grow steps must be taken bottom up"
         ranks[grow.name] += step
-        free -= cost
+        free = available - cost
         moved += cost
     result = Allocation(ranks, budget.total, {**target.info, "moved_params": moved})
     result.check(targets, budget)

@@ -1,23 +1,23 @@
 """Change a LoRA module's rank in place, keeping its update ΔW = s·B·A.
 
-Re-factoring: thin QR of B (d_out x r) and of Aᵀ (d_in x r) reduces B·A to an r x r core whose SVD gives
-B·A = L·diag(σ)·Rᵀ with orthonormal L (d_out x r) and R (d_in x r). The new factors are
+- Shrinking (k < r) re-factors: thin QR of B (d_out x r) and of Aᵀ (d_in x r) reduce B·A to an r x r core whose
+  SVD gives B·A = L·diag(σ)·Rᵀ (orthonormal L, R), and A' = c·R[:, :k]ᵀ, B' = L[:, :k]·diag(σ[:k])/c keep the top k
+  directions (c: the old rows' RMS norm, so the gradient reaching B keeps its magnitude). The Frobenius error² of ΔW
+  is exactly s²·Σ_{i>k} σ_i².
+- Growing (k > r) keeps A and B exactly and appends A rows orthogonal to the existing ones (the top gradient input
+  directions not yet covered, when given, else random; RMS norm c) with zero B columns: ΔW and the layer's output are
+  unchanged, and the new directions start learning from the next step.
 
-    A' = c·R[:, :k]ᵀ            (rows orthonormal, rescaled to the old rows' RMS norm c)
-    B' = L[:, :k]·diag(σ[:k])/c
+The scale s = alpha/r0 is the same for every module (see `adapter.py`), so a resize changes `r` and
+`lora_alpha = s·r` but never `scaling`.
 
-- shrinking (k < r) keeps the top k directions; the Frobenius error² of ΔW is exactly s²·Σ_{i>k} σ_i²;
-- growing (k > r) keeps ΔW exactly and appends new A rows orthogonal to the existing ones (the top gradient input
-  directions not yet covered, when given, else random) with zero B columns, so the output is unchanged and the new
-  directions start learning from the next step.
-
-A' keeps the old row scale so that the gradient reaching B keeps its magnitude. The scale s = alpha/r0 is the same
-for every module (see `adapter.py`), so a resize changes `r` and `lora_alpha = s·r` but never `scaling`.
-
-Optimizer state: the resized A and B are new parameters, and their Adam moments are reset rather than rotated. Adam's
-second moment is per coordinate; after the change of basis above there is no exact way to carry it over, and an
-approximate rotation would hand the new directions moments they never had. Instead the loop gives new parameters a
-short learning-rate warm-up (`schedule.resize_warmup_steps`), so their first, moment-free Adam steps stay small.
+Optimizer state, handled explicitly:
+- grown factors keep their Adam state: the old entries' moments are carried over exactly (they are the same
+  coordinates), the appended entries start with a zero first moment and the tensor's mean second moment;
+- re-factored (shrunk) factors get fresh state: the change of basis mixes coordinates, and Adam's per-coordinate
+  second moment has no exact image under it (a rotated first moment with a guessed second moment would hand the
+  new coordinates a history they never had). The loop gives them a short learning-rate warm-up
+  (`schedule.resize_warmup_steps`) so their first, moment-free Adam steps stay small.
 Modules whose rank does not change keep their parameters and optimizer state untouched.
 """
 
@@ -83,34 +83,76 @@ def resize_layer(
     new_rank: int,
     directions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> ResizeResult:
-    """Give one LoRA layer rank `new_rank` (new lora_A/lora_B modules of exactly that size)."""
-    lora_a, lora_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    """Give one LoRA layer rank `new_rank` (new lora_A/lora_B modules of exactly that size).
+
+    With `optimizer`, a grown layer's Adam state moves to its new parameters (see `carry_state`); a shrunk layer's
+    old parameters leave the optimizer, and the loop's re-bind adds the new ones with fresh state and a warm-up.
+    """
     old_rank = layer.r[ADAPTER]
     if new_rank < 1:
         raise ValueError(f"cannot resize {name} to rank {new_rank}")
-    weight_a, weight_b = lora_a.weight, lora_b.weight
+    weight_a, weight_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
     a, b = weight_a.double(), weight_b.double()
-    left, sigma, right = factorize(b, a)
     scale = float(a.norm() / old_rank**0.5) or (1.0 / (3 * a.shape[1])) ** 0.5
-    keep = min(old_rank, new_rank)
-    new_a = scale * right[:, :keep].T
-    new_b = left[:, :keep] * sigma[:keep] / scale
-    if new_rank > old_rank:
+    if new_rank > old_rank:  # grow: keep A and B exactly, append orthogonal A rows and zero B columns
+        row_space, _ = torch.linalg.qr(a.T)
         generator = generator or torch.Generator().manual_seed(0)
-        extra = _new_directions(
-            right, new_rank - old_rank, None if directions is None else directions.double(), generator
-        )
-        new_a = torch.cat([new_a, scale * extra.T])
-        new_b = torch.cat([new_b, torch.zeros(b.shape[0], new_rank - old_rank, dtype=b.dtype)], dim=1)
-    dropped = float(layer.scaling[ADAPTER] ** 2 * sigma[keep:].square().sum())
+        candidates = None if directions is None else directions.double()
+        extra = _new_directions(row_space, new_rank - old_rank, candidates, generator)
+        new_a = torch.cat([a, scale * extra.T])
+        new_b = torch.cat([b, torch.zeros(b.shape[0], new_rank - old_rank, dtype=b.dtype)], dim=1)
+        dropped = 0.0
+    else:  # shrink: re-factor and keep the top singular directions
+        left, sigma, right = factorize(b, a)
+        new_a = scale * right[:, :new_rank].T
+        new_b = left[:, :new_rank] * sigma[:new_rank] / scale
+        dropped = float(layer.scaling[ADAPTER] ** 2 * sigma[new_rank:].square().sum())
 
     layer.lora_A[ADAPTER] = _linear(new_a, weight_a)
     layer.lora_B[ADAPTER] = _linear(new_b, weight_b)
+    if optimizer is not None:
+        grown = new_rank > old_rank
+        carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
+        carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None)
     scaling = layer.scaling[ADAPTER]
     layer.r[ADAPTER] = new_rank
     layer.lora_alpha[ADAPTER] = scaling * new_rank
     return ResizeResult(name, old_rank, new_rank, dropped)
+
+
+def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int | None) -> None:
+    """Hand `old`'s place in the optimizer to `new`.
+
+    `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): `new` takes `old`'s slot in
+    its param group and its state, with the old entries' Adam moments kept exactly; appended entries get a zero first
+    moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
+    an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
+    """
+    base = getattr(optimizer, "optimizer", optimizer)
+    state = base.state.pop(old, None)
+    for group in base.param_groups:
+        for index, parameter in enumerate(group["params"]):
+            if parameter is old:
+                if axis is None:
+                    del group["params"][index]
+                else:
+                    group["params"][index] = new
+                break
+    if axis is None or not state:
+        return
+    block = tuple(slice(0, size) for size in old.shape)
+    carried = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            fill = float(value.mean()) if key.endswith("exp_avg_sq") else 0.0
+            grown = torch.full_like(new, fill)
+            grown[block] = value
+            carried[key] = grown
+        else:
+            carried[key] = value
+    base.state[new] = carried
 
 
 def _linear(weight: torch.Tensor, like: nn.Parameter) -> nn.Linear:
@@ -131,6 +173,7 @@ def apply_allocation(
     allocation: Allocation,
     directions: dict[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[ResizeResult]:
     """Resize every LoRA layer whose rank differs from `allocation`, and record the ranks in the PEFT config so the
     saved adapter reloads with exactly these shapes."""
@@ -138,7 +181,8 @@ def apply_allocation(
     results = []
     for name, rank in allocation.ranks.items():
         if layers[name].r[ADAPTER] != rank:
-            results.append(resize_layer(layers[name], name, rank, (directions or {}).get(name), generator))
+            hint = (directions or {}).get(name)
+            results.append(resize_layer(layers[name], name, rank, hint, generator, optimizer))
     config = model.peft_config[ADAPTER]
     scale = config.lora_alpha / config.r
     config.rank_pattern = {pattern_key(name): rank for name, rank in allocation.ranks.items()}

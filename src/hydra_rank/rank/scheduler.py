@@ -84,10 +84,12 @@ class HydraScheduler:
         self.decisions_made = 0
         self.spearmans: list[float] = []
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
 
     # ---- attribution: what each module's updates removed from the loss -------------------------------------
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure every optimizer step's first-order loss change per module: −⟨grad, Δθ⟩ over its A and B."""
+        self.optimizer = optimizer
         base = getattr(optimizer, "optimizer", optimizer)
         base.register_step_pre_hook(self._before_step)
         base.register_step_post_hook(self._after_step)
@@ -180,7 +182,7 @@ class HydraScheduler:
 
         tick = time.perf_counter()
         directions = {name: spectrum.input_directions for name, spectrum in spectra.items()}
-        resized = apply_allocation(self.model, new, directions, self.generator)
+        resized = apply_allocation(self.model, new, directions, self.generator, self.optimizer)
         self.seconds["resize"] += time.perf_counter() - tick
 
         moved = sum(abs(new.ranks[t.name] - self.allocation.ranks[t.name]) * t.cost for t in self.targets) // 2
