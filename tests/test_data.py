@@ -211,3 +211,26 @@ def test_scenes_are_deterministic_and_answers_match_the_drawing(tmp_path):
         x, y = (position % 2) * scenes.CELL + scenes.CELL // 2, (position // 2) * scenes.CELL + scenes.CELL // 2
         centre = image.getpixel((x, y + 4))
         assert (centre != (255, 255, 255)) == (sample.answer != "nothing"), (question, sample.answer)
+
+
+def test_text_tasks_are_correct_and_deterministic(tmp_path):
+    from hydra_rank.data import text_tasks
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    text_tasks.write_task(tmp_path / "a", seed=5, train=200, test=20)
+    text_tasks.write_task(tmp_path / "b", seed=5, train=200, test=20)
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+    for sample in load_llava_json(tmp_path / "a" / "train.jsonl"):
+        question, answer = sample.messages[0]["content"], sample.answer
+        assert not sample.images
+        argument = question.split(": ", 1)[1]
+        if question.startswith("Add"):
+            left, right = argument.split(" + ")
+            assert int(answer) == int(left) + int(right)
+        elif question.startswith("Reverse"):
+            assert answer == argument[::-1]
+        elif question.startswith("Sort"):
+            assert answer == "".join(sorted(argument))
+        else:
+            assert answer.replace("-", "") == argument[::-1]

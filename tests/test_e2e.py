@@ -73,3 +73,20 @@ def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path):
     batch.pop("labels")
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, result.model.eval()(**batch).logits)
+
+
+def test_text_only_smollm2_trains_on_text_tasks(tmp_path):
+    """The same pipeline with a plain causal LM and its tokenizer (no images, no processor)."""
+    config = from_dict(
+        {
+            "model": {"name_or_path": "builtin:smollm2"},
+            "data": {"dataset": "text-tasks", "eval_samples": 16},
+            "adapter": {"method": "hydra", "rank": 2, "alpha": 4.0},
+            "schedule": {"warmup_fraction": 0.25, "interval_fraction": 0.25, "freeze_fraction": 0.75},
+            "train": {"max_steps": 4, "batch_size": 4, "output_dir": str(tmp_path / "run"), "debug_checks": True},
+            "eval": {"max_new_tokens": 12},
+        }
+    )
+    result = run(config, show_progress=False)
+    assert result.metrics["decisions"] == 3 and result.metrics["used_params"] <= result.metrics["budget_params"]
+    assert type(result.model.base_model.model).__name__ == "LlamaForCausalLM"

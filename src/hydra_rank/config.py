@@ -20,7 +20,7 @@ import yaml
 from .errors import ConfigError
 from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
 
-DATASETS = ("easy-vqa", "scenes", "llava-json")
+DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json")
 METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine")
 SCHEDULE_INITS = ("warmup", "calibrated")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -35,7 +35,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "easy-vqa"  # easy-vqa | scenes (generated multi-shape task) | llava-json (your files)
+    # easy-vqa | scenes (generated multi-shape VQA) | text-tasks (generated, text only) | llava-json (your files)
+    dataset: str = "easy-vqa"
     train_path: str | None = None  # llava-json: .json list or .jsonl file
     eval_path: str | None = None
     image_root: str | None = None  # folder image paths are relative to (default: the data file's folder)

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import DataError
-from . import easy_vqa, scenes
+from . import easy_vqa, scenes, text_tasks
 from .encode import ChatEncoder, Encoded, collate
 from .llava_json import load_llava_json
 from .sample import Sample
@@ -29,8 +29,8 @@ def load_samples(config: DataConfig, seed: int) -> tuple[list[Sample], list[Samp
     """(training samples in a seeded random order, evaluation samples: a fixed subset)."""
     if config.dataset == "easy-vqa":
         train, held_out = easy_vqa.questions("train"), easy_vqa.questions("test")
-    elif config.dataset == "scenes":
-        root = scenes.cached_scenes()
+    elif config.dataset in ("scenes", "text-tasks"):
+        root = scenes.cached_scenes() if config.dataset == "scenes" else text_tasks.cached_text_tasks()
         train, held_out = load_llava_json(root / "train.jsonl"), load_llava_json(root / "test.jsonl")
     else:
         train = load_llava_json(config.train_path, config.image_root)
