@@ -54,6 +54,7 @@ def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path):
     config = from_dict(
         {
             "data": {"eval_samples": 32},
+            "adapter": {"method": "lora"},
             "train": {"max_steps": 8, "batch_size": 8, "warmup_steps": 2, "output_dir": str(tmp_path / "run")},
         }
     )

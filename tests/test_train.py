@@ -22,7 +22,7 @@ def tiny_config(model_dir, dataset, output_dir, **train):
         {
             "model": {"name_or_path": str(model_dir)},
             "data": {"dataset": "llava-json", "train_path": str(train_path), "eval_path": str(eval_path)},
-            "adapter": {"rank": 2, "alpha": 4},
+            "adapter": {"method": "lora", "rank": 2, "alpha": 4},
             "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_steps": 2, "output_dir": str(output_dir)}
             | train,
             "eval": {"batch_size": 4, "max_new_tokens": 3},
@@ -143,3 +143,27 @@ def test_saved_allocation_is_reused_and_checked(tiny_llava_dir, colour_dataset, 
     config.train.output_dir = str(tmp_path / "out2")
     with pytest.raises(ConfigError, match="does not fit this run"):
         run(config, show_progress=False)
+
+
+def test_adalora_baseline_prunes_towards_the_budget(tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=10)
+    config.adapter.method = "adalora"
+    result = run(config, show_progress=False)
+    metrics = result.metrics
+    init = 3  # ceil(1.5 x rank 2)
+    assert metrics["trainable_params"] == metrics["max_trainable_params"] == init * (2 * 512 + 2 * 7)
+    assert metrics["used_params"] < metrics["trainable_params"]  # singular values were masked
+    assert metrics["used_params"] <= 1.1 * metrics["budget_params"]
+    config_dict = json.loads((result.output_dir / "adapter" / "adapter_config.json").read_text())
+    assert config_dict["peft_type"] == "ADALORA" and config_dict["rank_pattern"]
+
+
+def test_full_fine_tuning_trains_the_language_model_only(tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=2, lr=1e-4)
+    config.adapter.method = "full"
+    result = run(config, show_progress=False)
+    model = result.model
+    language = sum(p.numel() for p in model.model.language_model.parameters())
+    assert result.metrics["trainable_params"] == language  # the head is tied to the embeddings
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert (result.output_dir / "model" / "model.safetensors").is_file()

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
 
 DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json")
-METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine")
+METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine", "adalora", "full")
 SCHEDULE_INITS = ("warmup", "calibrated")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,7 +49,8 @@ class DataConfig:
 @dataclass
 class AdapterConfig:
     # hydra: dynamic (coarse + fine, re-allocated while training) | lora: uniform |
-    # hydra-static: coarse + fine from calibration, fixed | hydra-coarse, hydra-fine: static ablations
+    # hydra-static: coarse + fine from calibration, fixed | hydra-coarse, hydra-fine: static ablations |
+    # adalora: PEFT AdaLoRA at the same final rank budget | full: full fine-tuning of the language model
     method: str = "hydra"
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
     alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
@@ -94,6 +95,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between eval-loss checks during training (0: only at the end)
     output_dir: str = "runs/tiny-hydra"
     debug_checks: bool = False  # assert the parameter budget (and adapter sizes) after every step
+    save: bool = True  # save the adapter (full: the model); benchmarks that only need metrics can skip it
 
 
 @dataclass
@@ -205,8 +207,8 @@ def validate(config: RunConfig) -> RunConfig:
         a.calibration_batches >= 1, f"adapter.calibration_batches must be at least 1, got {a.calibration_batches}"
     )
     _require(
-        a.method != "lora" or (a.budget_params is None and a.allocation_path is None),
-        "adapter.budget_params and adapter.allocation_path apply to hydra methods; uniform lora uses adapter.rank",
+        a.method.startswith("hydra") or (a.budget_params is None and a.allocation_path is None),
+        "adapter.budget_params and adapter.allocation_path apply to hydra methods; the others use adapter.rank",
     )
     _require(a.budget_params is None or a.budget_params >= 1, "adapter.budget_params must be positive")
     sc = config.schedule

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,6 +104,7 @@ def optimize(
     hooks: tuple[StepHooks, ...] = (),
     description: str = "train",
     first_step: int = 1,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]] = answer_loss,
 ) -> None:
     """Run optimizer steps `first_step..steps`; each averages `grad_accum` micro-batches.
 
@@ -122,7 +123,7 @@ def optimize(
                 batch = next(batches)
                 sync = micro == grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    loss, tokens = answer_loss(model, batch)
+                    loss, tokens = loss_fn(model, batch)
                     accelerator.backward(loss / grad_accum)
                 total_loss += loss.item()
                 total_tokens += tokens

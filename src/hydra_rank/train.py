@@ -6,7 +6,9 @@ Output directory layout:
     tensorboard/       the same scalars for TensorBoard
     allocation.json    the rank of every target module (uniform for lora), its budget and how it was chosen
     allocation.png     the same as a layer x module heatmap
-    adapter/           the PEFT adapter (safetensors), loadable with `PeftModel.from_pretrained`
+    adapter/           the PEFT adapter (safetensors), loadable with `PeftModel.from_pretrained` (full: model/)
+    allocation_start.* HyDRA: the starting ranks; allocation_history.jsonl: every decision
+    report.html        table, loss curve and (HyDRA) allocation plots
     metrics.json       final numbers (see `run`)
     predictions.jsonl  every evaluation question with the model's answer
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +26,28 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import PeftModel
+from torch import nn
 from torch.utils.data import DataLoader
 
-from .adapter import attach_lora, trainable_parameters
+from .adapter import (
+    ADALORA_ORTH_WEIGHT,
+    AdaLoraSchedule,
+    adalora_effective_params,
+    adalora_orthogonality,
+    attach_adalora,
+    attach_lora,
+    language_model_parameters,
+    trainable_parameters,
+)
 from .config import RunConfig
 from .data import ChatEncoder, EncodedDataset, collate, load_samples
 from .errors import ConfigError
 from .evaluate import evaluate, majority_answer, mean_answer_loss
 from .loop import WarmupCosine, batches_forever, optimize
+from .loss import answer_loss
 from .models.loading import load_model
-from .rank.budget import discover_targets
-from .rank.plan import calibration_batches, initial_allocation, needs_calibration, save_allocation
+from .rank.budget import Allocation, Budget, Target, discover_targets
+from .rank.plan import calibration_batches, initial_allocation, make_budget, needs_calibration, save_allocation
 from .rank.scheduler import HydraScheduler
 from .report import write_report
 from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
@@ -59,11 +72,74 @@ def prepare_output_dir(path: Path, overwrite: bool) -> Path:
 
 @dataclass
 class RunResult:
-    """What a run produced: its metrics (also in `output_dir/metrics.json`) and the trained PEFT model."""
+    """What a run produced: its metrics (also in `output_dir/metrics.json`) and the trained model (a PeftModel, or
+    the base model itself for full fine-tuning)."""
 
     metrics: dict[str, Any]
-    model: PeftModel
+    model: nn.Module
     output_dir: Path
+
+
+class StepLogger:
+    """Loop hook: each step's record to log.jsonl and TensorBoard, the eval loss every `train.eval_every` steps, and
+    the trainable-parameter count (its maximum over the run is reported)."""
+
+    def __init__(
+        self, config: RunConfig, model: nn.Module, accelerator: Accelerator, log: JsonlWriter, eval_items, pad
+    ):
+        self.config, self.model, self.accelerator, self.log = config, model, accelerator, log
+        self.eval_items, self.pad = eval_items, pad
+        self.max_trainable = trainable_parameters(model)
+
+    def step_begin(self, step: int) -> None:
+        pass
+
+    def step_end(self, step: int, record: dict[str, Any]) -> bool:
+        t = self.config.train
+        record["trainable_params"] = trainable_parameters(self.model)
+        self.max_trainable = max(self.max_trainable, record["trainable_params"])
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            record["eval_loss"] = mean_answer_loss(self.model, self.eval_items, self.pad, self.config.eval.batch_size)
+        self.log.write({"step": step, **record})
+        scalars = {f"train/{key}": value for key, value in record.items() if isinstance(value, (int, float))}
+        self.accelerator.log(scalars, step=step)
+        return False
+
+
+@dataclass
+class Adapted:
+    """The model made trainable by the configured method, and what the run needs to know about it."""
+
+    model: nn.Module
+    budget: Budget
+    allocation: Allocation | None  # None for methods that are not an allocation of LoRA ranks (adalora, full)
+    spectra: dict | None = None
+    hook: Any = None  # an extra loop hook (adalora's schedule)
+    loss_fn: Callable = answer_loss
+
+
+def adapt(config: RunConfig, model: nn.Module, targets: list[Target], batches: list, show_progress: bool) -> Adapted:
+    """Apply `config.adapter.method` to `model`: LoRA of allocated ranks (lora, hydra*), AdaLoRA, or full FT."""
+    method = config.adapter.method
+    if method == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for parameter in language_model_parameters(model):
+            parameter.requires_grad_(True)
+        return Adapted(model, make_budget(config.adapter, targets), None)
+    if method == "adalora":
+        adalora = attach_adalora(model, config.adapter, [t.name for t in targets], config.train.max_steps)
+        schedule = AdaLoraSchedule(adalora)
+
+        def loss_with_orthogonality(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+            loss, tokens = answer_loss(model, batch)
+            return loss + ADALORA_ORTH_WEIGHT * adalora_orthogonality(model), tokens
+
+        return Adapted(
+            adalora, make_budget(config.adapter, targets), None, hook=schedule, loss_fn=loss_with_orthogonality
+        )
+    allocation, budget, spectra = initial_allocation(config, model, targets, batches, show_progress)
+    return Adapted(attach_lora(model, config.adapter, allocation), budget, allocation, spectra)
 
 
 def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> RunResult:
@@ -71,10 +147,11 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     started = time.perf_counter()
     out = prepare_output_dir(Path(config.train.output_dir), overwrite)
     atomic_write_text(out / "config.yaml", config.to_yaml())
-    t = config.train
+    t, method = config.train, config.adapter.method
     set_seed(t.seed)
     accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
     accelerator.init_trackers("tensorboard")
+    show = show_progress and accelerator.is_main_process
 
     model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
@@ -82,14 +159,9 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     targets = discover_targets(model, config.adapter.target_modules)
     model.to(accelerator.device)
     calibration = config.adapter.calibration_batches if needs_calibration(config) else 0
-    allocation, budget, spectra = initial_allocation(
-        config,
-        model,
-        targets,
-        calibration_batches(train_samples, encoder, t.batch_size, calibration, t.seed, accelerator.device),
-        show_progress=show_progress and accelerator.is_main_process,
-    )
-    model = attach_lora(model, config.adapter, allocation)
+    batches = calibration_batches(train_samples, encoder, t.batch_size, calibration, t.seed, accelerator.device)
+    adapted = adapt(config, model, targets, batches, show)
+    model, allocation = adapted.model, adapted.allocation
 
     loader = DataLoader(
         EncodedDataset(train_samples, encoder),
@@ -101,44 +173,31 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
     )
-    schedule = WarmupCosine(t.lr, t.warmup_steps, t.max_steps)
+    schedule = WarmupCosine(t.lr, t.warmup_steps, t.max_steps, resize_warmup_steps=config.schedule.resize_warmup_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    hooks: list = []
     scheduler = None
-    if config.adapter.method == "hydra":
+    if method == "hydra":
         scheduler = HydraScheduler(
             accelerator.unwrap_model(model),
             targets,
-            budget,
+            adapted.budget,
             allocation,
             config.schedule,
             t.max_steps,
             seed=t.seed,
             history_path=out / "allocation_history.jsonl" if accelerator.is_main_process else None,
-            initial_spectra=spectra,
+            initial_spectra=adapted.spectra,
             debug_checks=t.debug_checks,
         )
-        scheduler.bind(optimizer)
+        hooks.append(scheduler)
+    if adapted.hook is not None:
+        hooks.append(adapted.hook)
+    for hook in hooks:
+        hook.bind(optimizer)
     eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
     log = JsonlWriter(out / "log.jsonl")
-
-    class Logger:
-        """Per-step record to log.jsonl and TensorBoard, with the eval loss every `train.eval_every` steps and the
-        trainable-parameter count (whose maximum over the run is reported)."""
-
-        max_trainable = trainable_parameters(model)
-
-        def step_begin(self, step: int) -> None:
-            pass
-
-        def step_end(self, step: int, record: dict[str, Any]) -> bool:
-            record["trainable_params"] = trainable_parameters(model)
-            Logger.max_trainable = max(Logger.max_trainable, record["trainable_params"])
-            if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-                record["eval_loss"] = mean_answer_loss(model, eval_items, encoder.pad_token_id, config.eval.batch_size)
-            log.write({"step": step, **record})
-            scalars = {f"train/{key}": value for key, value in record.items() if isinstance(value, (int, float))}
-            accelerator.log(scalars, step=step)
-            return False
+    logger = StepLogger(config, model, accelerator, log, eval_items, encoder.pad_token_id)
 
     train_started = time.perf_counter()
     optimize(
@@ -150,24 +209,25 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         steps=t.max_steps,
         grad_accum=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
-        hooks=(Logger(),) if scheduler is None else (scheduler, Logger()),
-        description=f"train ({config.adapter.method})",
+        hooks=(*hooks, logger),
+        description=f"train ({method})",
+        loss_fn=adapted.loss_fn,
     )
     train_time = time.perf_counter() - train_started
     log.close()
-    final = allocation if scheduler is None else scheduler.allocation
+    final = scheduler.allocation if scheduler is not None else allocation
     if scheduler is not None:
         scheduler.close()
 
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        with atomic_directory(out / "adapter") as staging:
-            model.save_pretrained(staging, safe_serialization=True)
-        save_allocation(final, targets, out, f"{config.adapter.method} ranks (end)")
+        if t.save:
+            with atomic_directory(out / ("model" if method == "full" else "adapter")) as staging:
+                model.save_pretrained(staging, safe_serialization=True)
+        if final is not None:
+            save_allocation(final, targets, out, f"{method} ranks (end)")
         if scheduler is not None:
-            save_allocation(
-                allocation, targets, out, f"{config.adapter.method} ranks (start)", name="allocation_start"
-            )
+            save_allocation(allocation, targets, out, f"{method} ranks (start)", name="allocation_start")
     results = evaluate(
         model,
         encoder,
@@ -175,22 +235,27 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         majority=majority_answer([s.answer for s in train_samples]),
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
-        show_progress=show_progress and accelerator.is_main_process,
+        show_progress=show,
     )
     predictions = results.pop("predictions")
+    if final is not None:
+        used = final.params(targets)
+    elif method == "adalora":
+        used = adalora_effective_params(model, targets)
+    else:
+        used = trainable_parameters(model)
     metrics = {
-        "method": config.adapter.method,
+        "method": method,
         "model": config.model.name_or_path,
         "seed": t.seed,
         "steps": t.max_steps,
         "target_modules": len(targets),
-        "budget_params": budget.total,
-        "used_params": final.params(targets),
+        "budget_params": adapted.budget.total,
+        "used_params": used,
         "trainable_params": trainable_parameters(model),
-        "max_trainable_params": Logger.max_trainable,
-        "rank_min": min(final.ranks.values()),
-        "rank_max": max(final.ranks.values()),
-        "calibration_time_s": allocation.info.get("calibration_seconds", 0.0),
+        "max_trainable_params": logger.max_trainable,
+        **({"rank_min": min(final.ranks.values()), "rank_max": max(final.ranks.values())} if final else {}),
+        "calibration_time_s": allocation.info.get("calibration_seconds", 0.0) if allocation else 0.0,
         **(scheduler.summary() if scheduler is not None else {}),
         **results,
         "train_time_s": round(train_time, 2),
@@ -200,11 +265,10 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     }
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
-        atomic_write_text(
-            out / "predictions.jsonl", "".join(f"{json.dumps(p, sort_keys=True)}\n" for p in predictions)
-        )
+        lines = "".join(f"{json.dumps(p, sort_keys=True)}\n" for p in predictions)
+        atomic_write_text(out / "predictions.jsonl", lines)
         accelerator.log({"eval/loss": metrics["eval_loss"], "eval/accuracy": metrics["eval_accuracy"]}, t.max_steps)
-        write_report(out, {config.adapter.method: out}, title=f"hydra-rank run: {config.adapter.method}")
+        write_report(out, {method: out}, title=f"hydra-rank run: {method}")
     accelerator.end_training()
     console.print(f"[bold]hydra-rank[/]: run written to {out}")
     return RunResult(metrics, model, out)

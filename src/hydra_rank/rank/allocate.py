@@ -160,34 +160,45 @@ def move_towards(
     """
     step = budget.granularity
     ranks = dict(current.ranks)
-    grows, shrinks = [], []
-    for index, t in enumerate(targets):
-        now, goal, u = ranks[t.name], target.ranks[t.name], utilities[t.name]
-        grows += [(-(u[r + step] - u[r]) / (step * t.cost), index, r) for r in range(now, goal, step)]
-        shrinks += [((u[r] - u[r - step]) / (step * t.cost), index, -r) for r in range(now, goal, -step)]
-    grows.sort()
-    shrinks.sort()
+
+    def next_step(index: int, direction: int) -> tuple[float, int] | None:
+        """(heap key, module) for the module's next step towards its target in `direction` (+1 grow, -1 shrink):
+        grows are keyed by minus gain per parameter (best first), shrinks by loss per parameter (cheapest first)."""
+        t = targets[index]
+        rank, goal, u = ranks[t.name], target.ranks[t.name], utilities[t.name]
+        if (goal - rank) * direction <= 0:
+            return None
+        change = (u[rank + step] - u[rank]) if direction > 0 else (u[rank] - u[rank - step])
+        return (-change if direction > 0 else change) / (step * t.cost), index
+
+    grows = [key for i in range(len(targets)) if (key := next_step(i, +1))]
+    shrinks = [key for i in range(len(targets)) if (key := next_step(i, -1))]
+    heapq.heapify(grows)
+    heapq.heapify(shrinks)
     free = budget.total - current.params(targets)
-    moved, funded = 0, 0
-    for negative_ratio, index, rank in grows:
-        grow = targets[index]
-        cost = step * grow.cost
+    moved = 0
+    while grows:
+        negative_ratio, index = grows[0]
+        cost = step * targets[index].cost
         if moved + cost > max_params:
             break
-        available, needed, worst = free, funded, 0.0
-        while available < cost and needed < len(shrinks):
-            worst = max(worst, shrinks[needed][0])
-            available += step * targets[shrinks[needed][1]].cost
-            needed += 1
+        funding, available, worst = [], free, 0.0
+        while available < cost and shrinks:  # tentatively take the cheapest shrink steps
+            ratio, shrink = heapq.heappop(shrinks)
+            funding.append(shrink)
+            worst = max(worst, ratio)
+            available += step * targets[shrink].cost
+            ranks[targets[shrink].name] -= step
+            if (key := next_step(shrink, -1)) is not None:
+                heapq.heappush(shrinks, key)
         if available < cost or -negative_ratio < (1 + margin) * worst:
+            for shrink in funding:  # the exchange does not pay: undo it, and stop (the rest pays even less)
+                ranks[targets[shrink].name] += step
             break
-        for _, shrink_index, negative_rank in shrinks[funded:needed]:
-            shrink = targets[shrink_index]
-            assert ranks[shrink.name] == -negative_rank, "shrink steps must be taken top down"
-            ranks[shrink.name] -= step
-        funded = needed
-        assert ranks[grow.name] == rank, "grow steps must be taken bottom up"
-        ranks[grow.name] += step
+        heapq.heappop(grows)
+        ranks[targets[index].name] += step
+        if (key := next_step(index, +1)) is not None:
+            heapq.heappush(grows, key)
         free = available - cost
         moved += cost
     result = Allocation(ranks, budget.total, {**target.info, "moved_params": moved})

@@ -123,7 +123,7 @@ def allocate_for_config(config: RunConfig, output_dir: Path, show_progress: bool
     batches = calibration_batches(
         train_samples, encoder, config.train.batch_size, config.adapter.calibration_batches, config.train.seed, device
     )
-    allocation = calibrated_allocation(
+    allocation, _ = calibrated_allocation(
         model.to(device),
         targets,
         make_budget(config.adapter, targets),
