@@ -143,3 +143,21 @@ def test_allocation_json_round_trip(tmp_path):
     path.write_text("{broken")
     with pytest.raises(ConfigError, match="cannot read allocation"):
         Allocation.load(path)
+
+
+def test_controls_keep_the_budget():
+    from hydra_rank.rank.plan import shuffled, type_prior
+
+    targets = make_targets(4, [(16, 16), (16, 8), (16, 8), (16, 16), (16, 48), (16, 48), (48, 16)])
+    budget = Budget(uniform_budget(targets, 4), min_rank=1, max_rank=16)
+    allocation = allocate(targets, concave_utilities(targets, 16, np.random.default_rng(3)), budget)
+    mixed = shuffled(allocation, targets, seed=0)
+    assert mixed.params(targets) == allocation.params(targets) and mixed.ranks != allocation.ranks
+    for cost in {t.cost for t in targets}:
+        same = [t.name for t in targets if t.cost == cost]
+        assert sorted(mixed.ranks[n] for n in same) == sorted(allocation.ranks[n] for n in same)
+    prior = type_prior(targets, budget)
+    assert prior.params(targets) <= budget.total
+    attention = np.mean([prior.ranks[t.name] for t in targets if t.kind in ("q_proj", "k_proj", "v_proj", "o_proj")])
+    mlp = np.mean([prior.ranks[t.name] for t in targets if t.kind in ("gate_proj", "up_proj", "down_proj")])
+    assert mlp > 2 * attention

@@ -21,7 +21,17 @@ from .errors import ConfigError
 from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
 
 DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json")
-METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine", "adalora", "full")
+METHODS = (
+    "hydra",
+    "lora",
+    "hydra-static",
+    "hydra-coarse",
+    "hydra-fine",
+    "adalora",
+    "full",
+    "control-shuffled",
+    "control-prior",
+)
 SCHEDULE_INITS = ("warmup", "calibrated")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,7 +60,8 @@ class DataConfig:
 class AdapterConfig:
     # hydra: dynamic (coarse + fine, re-allocated while training) | lora: uniform |
     # hydra-static: coarse + fine from calibration, fixed | hydra-coarse, hydra-fine: static ablations |
-    # adalora: PEFT AdaLoRA at the same final rank budget | full: full fine-tuning of the language model
+    # adalora: PEFT AdaLoRA at the same final rank budget | full: full fine-tuning of the language model |
+    # control-shuffled, control-prior: benchmark controls (hydra-static's ranks shuffled; a fixed type prior)
     method: str = "hydra"
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
     alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
@@ -207,7 +218,7 @@ def validate(config: RunConfig) -> RunConfig:
         a.calibration_batches >= 1, f"adapter.calibration_batches must be at least 1, got {a.calibration_batches}"
     )
     _require(
-        a.method.startswith("hydra") or (a.budget_params is None and a.allocation_path is None),
+        a.method not in ("lora", "adalora", "full") or (a.budget_params is None and a.allocation_path is None),
         "adapter.budget_params and adapter.allocation_path apply to hydra methods; the others use adapter.rank",
     )
     _require(a.budget_params is None or a.budget_params >= 1, "adapter.budget_params must be positive")

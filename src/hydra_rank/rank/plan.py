@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,7 +18,39 @@ from .allocate import allocate
 from .budget import Allocation, Budget, Target, discover_targets, uniform_budget
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, gradient_spectra
 
-MODES = {"hydra": "hierarchical", "hydra-static": "hierarchical", "hydra-coarse": "coarse", "hydra-fine": "fine"}
+MODES = {
+    "hydra": "hierarchical",
+    "hydra-static": "hierarchical",
+    "hydra-coarse": "coarse",
+    "hydra-fine": "fine",
+    "control-shuffled": "hierarchical",
+}
+ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def shuffled(allocation: Allocation, targets: list[Target], seed: int) -> Allocation:
+    """Control: the same ranks, permuted among modules of equal cost (so the budget is exactly the same). If this
+    does as well as the allocation itself, what helped was unevenness, not where the rank went."""
+    ranks = dict(allocation.ranks)
+    rng = random.Random(seed)
+    for cost in sorted({t.cost for t in targets}):
+        names = [t.name for t in targets if t.cost == cost]
+        values = [ranks[name] for name in names]
+        rng.shuffle(values)
+        ranks.update(zip(names, values, strict=True))
+    return Allocation(ranks, allocation.budget, {**allocation.info, "control": "shuffled among equal-cost modules"})
+
+
+def type_prior(targets: list[Target], budget: Budget) -> Allocation:
+    """Control: a fixed prior with no measurement, attention low and MLP high (MLP modules value a unit of rank per
+    parameter twice as much), allocated under the same budget and bounds."""
+    utilities = {
+        t.name: (1.0 if t.kind in ATTENTION_KINDS else 2.0) * t.cost * np.sqrt(np.arange(budget.max_rank + 1))
+        for t in targets
+    }
+    allocation = allocate(targets, utilities, budget, "hierarchical")
+    allocation.info["control"] = "type prior: attention low, MLP high"
+    return allocation
 
 
 def make_budget(config: AdapterConfig, targets: list[Target]) -> Budget:
@@ -49,7 +82,7 @@ def calibrated_allocation(
 
 def needs_calibration(config: RunConfig) -> bool:
     adapter = config.adapter
-    if adapter.method == "lora" or adapter.allocation_path:
+    if adapter.method in ("lora", "adalora", "full", "control-prior") or adapter.allocation_path:
         return False
     return adapter.method != "hydra" or config.schedule.init == "calibrated"
 
@@ -77,6 +110,8 @@ def initial_allocation(
                 f"adapter.allocation_path {adapter.allocation_path} does not fit this run: {error}"
             ) from None
         return allocation, budget, None
+    if adapter.method == "control-prior":
+        return type_prior(targets, budget), budget, None
     if not needs_calibration(config):  # hydra with a uniform warm-up: the first decision allocates
         rank = max(budget.min_rank, min(adapter.rank, budget.total // sum(t.cost for t in targets)))
         return Allocation({t.name: rank for t in targets}, budget.total, {"method": "uniform warm-up"}), budget, None
@@ -84,6 +119,8 @@ def initial_allocation(
         model, targets, budget, MODES[adapter.method], batches, config.train.seed, show_progress
     )
     allocation.info["method"] = adapter.method
+    if adapter.method == "control-shuffled":
+        allocation = shuffled(allocation, targets, config.train.seed)
     return allocation, budget, spectra
 
 
