@@ -79,15 +79,21 @@ def train(
     output_dir: Annotated[Path | None, typer.Option(help="Override train.output_dir.")] = None,
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the results of a previous run in the output dir.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in the output dir from its newest complete checkpoint.")
+    ] = False,
 ) -> None:
-    """Fine-tune with the method in CONFIG; writes config.yaml, log.jsonl, adapter/, metrics.json to the output dir."""
+    """Fine-tune with the method in CONFIG; writes config.yaml, log.jsonl, adapter/, metrics.json to the output dir.
+
+    Set train.checkpoint_every to write checkpoints; after a crash, the same command with --resume continues exactly
+    where the newest checkpoint left off."""
     with _user_errors():
         from .train import run
 
         cfg = _config(
             config, set_, **{"train.max_steps": max_steps, "train.output_dir": str(output_dir or "") or None}
         )
-        _print_results([run(cfg, overwrite=overwrite).metrics])
+        _print_results([run(cfg, overwrite=overwrite, resume=resume).metrics])
 
 
 @app.command("eval")

@@ -107,6 +107,8 @@ class TrainConfig:
     output_dir: str = "runs/tiny-hydra"
     debug_checks: bool = False  # assert the parameter budget (and adapter sizes) after every step
     save: bool = True  # save the adapter (full: the model); benchmarks that only need metrics can skip it
+    checkpoint_every: int = 0  # steps between checkpoints for --resume (0: none)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
 
 
 @dataclass
@@ -234,6 +236,8 @@ def validate(config: RunConfig) -> RunConfig:
         _require(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _require(t.warmup_steps >= 0 and t.eval_every >= 0, "train.warmup_steps and train.eval_every must be >= 0")
+    _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be at least 1, got {t.keep_checkpoints}")
     _require(config.eval.batch_size >= 1 and config.eval.max_new_tokens >= 1, "eval sizes must be at least 1")
     return config
 

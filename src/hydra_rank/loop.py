@@ -23,6 +23,10 @@ from .loss import answer_loss
 from .utils import progress_bar
 
 
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite: continuing would only destroy the weights."""
+
+
 class StepHooks(Protocol):
     def step_begin(self, step: int) -> None: ...
 
@@ -124,6 +128,8 @@ def optimize(
                 sync = micro == grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss, tokens = loss_fn(model, batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"the training loss became {loss.item()} at step {step}")
                     accelerator.backward(loss / grad_accum)
                 total_loss += loss.item()
                 total_tokens += tokens
@@ -138,9 +144,7 @@ def optimize(
                 "tokens": total_tokens,
                 "step_time_s": time.perf_counter() - started,
             }
-            changed = False
             for hook in hooks:
-                changed = hook.step_end(step, record) or changed
-            if changed:
-                rebind_optimizer(optimizer, model, step)
+                if hook.step_end(step, record):  # re-bind at once, so later hooks (a checkpoint) see the new state
+                    rebind_optimizer(optimizer, model, step)
             advance(loss=record["loss"])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
@@ -39,11 +40,21 @@ from .adapter import (
     language_model_parameters,
     trainable_parameters,
 )
+from .checkpoint import (
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_optimizer,
+    restore_trainable,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import RunConfig
 from .data import ChatEncoder, EncodedDataset, collate, load_samples
-from .errors import ConfigError
+from .data.sampler import ResumableSampler
+from .errors import ConfigError, HydraError
 from .evaluate import evaluate, majority_answer, mean_answer_loss
-from .loop import WarmupCosine, batches_forever, optimize
+from .loop import NonFiniteLoss, WarmupCosine, batches_forever, optimize
 from .loss import answer_loss
 from .models.loading import load_model
 from .rank.budget import Allocation, Budget, Target, discover_targets
@@ -118,8 +129,17 @@ class Adapted:
     loss_fn: Callable = answer_loss
 
 
-def adapt(config: RunConfig, model: nn.Module, targets: list[Target], batches: list, show_progress: bool) -> Adapted:
-    """Apply `config.adapter.method` to `model`: LoRA of allocated ranks (lora, hydra*), AdaLoRA, or full FT."""
+def adapt(
+    config: RunConfig,
+    model: nn.Module,
+    targets: list[Target],
+    batches: list,
+    show_progress: bool,
+    ranks: dict[str, int] | None = None,
+) -> Adapted:
+    """Apply `config.adapter.method` to `model`: LoRA of allocated ranks (lora, hydra*), AdaLoRA, or full FT.
+
+    `ranks` (a resumed run's current ranks) replaces the starting allocation, so no calibration runs again."""
     method = config.adapter.method
     if method == "full":
         for parameter in model.parameters():
@@ -138,16 +158,40 @@ def adapt(config: RunConfig, model: nn.Module, targets: list[Target], batches: l
         return Adapted(
             adalora, make_budget(config.adapter, targets), None, hook=schedule, loss_fn=loss_with_orthogonality
         )
-    allocation, budget, spectra = initial_allocation(config, model, targets, batches, show_progress)
+    if ranks is not None:
+        budget = make_budget(config.adapter, targets)
+        allocation, spectra = Allocation(dict(ranks), budget.total, {"method": method, "resumed": True}), None
+    else:
+        allocation, budget, spectra = initial_allocation(config, model, targets, batches, show_progress)
     return Adapted(attach_lora(model, config.adapter, allocation), budget, allocation, spectra)
 
 
-def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = True) -> RunResult:
-    """Train and evaluate as `config` says; writes everything listed in this module's docstring."""
+def _resumable(config: RunConfig, out: Path) -> dict[str, Any]:
+    """The newest complete checkpoint of the run in `out`, after checking it was made by this very configuration."""
+    if config.adapter.method == "adalora":
+        raise ConfigError("--resume is not supported for adalora (PEFT keeps its importance scores internally)")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
+    if saved.read_text() != config.to_yaml():
+        old, new = yaml.safe_load(saved.read_text()), config.to_dict()
+        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        raise ConfigError(
+            f"the configuration differs from the run's {saved} in {changed}; resume with the same config"
+        )
+    return load_checkpoint(latest_checkpoint(out))
+
+
+def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> RunResult:
+    """Train and evaluate as `config` says; writes everything listed in this module's docstring. With `resume`,
+    continue from the newest complete checkpoint in the output directory, exactly as if never interrupted."""
     started = time.perf_counter()
-    out = prepare_output_dir(Path(config.train.output_dir), overwrite)
-    atomic_write_text(out / "config.yaml", config.to_yaml())
     t, method = config.train, config.adapter.method
+    out = Path(t.output_dir)
+    state = _resumable(config, out) if resume else None
+    if state is None:
+        prepare_output_dir(out, overwrite)
+        atomic_write_text(out / "config.yaml", config.to_yaml())
     set_seed(t.seed)
     accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
     accelerator.init_trackers("tensorboard")
@@ -158,20 +202,32 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     train_samples, eval_samples = load_samples(config.data, t.seed)
     targets = discover_targets(model, config.adapter.target_modules)
     model.to(accelerator.device)
-    calibration = config.adapter.calibration_batches if needs_calibration(config) else 0
-    batches = calibration_batches(train_samples, encoder, t.batch_size, calibration, t.seed, accelerator.device)
-    adapted = adapt(config, model, targets, batches, show)
+    if state is None:
+        calibration = config.adapter.calibration_batches if needs_calibration(config) else 0
+        batches = calibration_batches(train_samples, encoder, t.batch_size, calibration, t.seed, accelerator.device)
+        adapted = adapt(config, model, targets, batches, show)
+    else:
+        adapted = adapt(config, model, targets, [], show, ranks=state.get("ranks"))
     model, allocation = adapted.model, adapted.allocation
+    if state is None:
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
+        )
+        first_step, consumed, train_seconds = 1, 0, 0.0
+        if accelerator.is_main_process and method == "hydra":
+            save_allocation(allocation, targets, out, f"{method} ranks (start)", name="allocation_start")
+    else:
+        restore_trainable(model, state)
+        optimizer = restore_optimizer(model, t.lr, t.weight_decay, state)
+        first_step, consumed, train_seconds = state["step"] + 1, state["consumed_batches"], state["train_seconds"]
+        _truncate_log(out / "log.jsonl", state["step"])
 
+    sampler = ResumableSampler(len(train_samples), t.seed, start=consumed * t.batch_size * accelerator.num_processes)
     loader = DataLoader(
         EncodedDataset(train_samples, encoder),
         batch_size=t.batch_size,
-        shuffle=True,
+        sampler=sampler,
         collate_fn=functools.partial(collate, pad_token_id=encoder.pad_token_id),
-        generator=torch.Generator().manual_seed(t.seed),
-    )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
     )
     schedule = WarmupCosine(t.lr, t.warmup_steps, t.max_steps, resize_warmup_steps=config.schedule.resize_warmup_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -190,6 +246,8 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
             initial_spectra=adapted.spectra,
             debug_checks=t.debug_checks,
         )
+        if state is not None:
+            scheduler.load_state_dict(state["scheduler"])
         hooks.append(scheduler)
     if adapted.hook is not None:
         hooks.append(adapted.hook)
@@ -198,22 +256,57 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
     log = JsonlWriter(out / "log.jsonl")
     logger = StepLogger(config, model, accelerator, log, eval_items, encoder.pad_token_id)
-
+    if state is not None:
+        logger.max_trainable = state["max_trainable"]
     train_started = time.perf_counter()
-    optimize(
-        model,
-        optimizer,
-        schedule,
-        batches_forever(loader),
-        accelerator,
-        steps=t.max_steps,
-        grad_accum=t.grad_accum,
-        max_grad_norm=t.max_grad_norm,
-        hooks=(*hooks, logger),
-        description=f"train ({method})",
-        loss_fn=adapted.loss_fn,
-    )
-    train_time = time.perf_counter() - train_started
+
+    class Checkpointer:
+        """Every `train.checkpoint_every` steps: everything needed to continue exactly (see checkpoint.py)."""
+
+        def step_begin(self, step: int) -> None:
+            pass
+
+        def step_end(self, step: int, record: dict[str, Any]) -> bool:
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+                current = scheduler.allocation if scheduler is not None else allocation
+                extra = {
+                    "ranks": None if current is None else dict(current.ranks),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "consumed_batches": step * t.grad_accum,
+                    "max_trainable": logger.max_trainable,
+                    "train_seconds": train_seconds + time.perf_counter() - train_started,
+                }
+                if accelerator.is_main_process:
+                    save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer, extra, t.keep_checkpoints)
+            return False
+
+    if state is not None:
+        set_rng_state(state["rng"])
+    try:
+        optimize(
+            model,
+            optimizer,
+            schedule,
+            batches_forever(loader),
+            accelerator,
+            steps=t.max_steps,
+            grad_accum=t.grad_accum,
+            max_grad_norm=t.max_grad_norm,
+            hooks=(*hooks, logger, Checkpointer()),
+            description=f"train ({method})",
+            loss_fn=adapted.loss_fn,
+            first_step=first_step,
+        )
+    except NonFiniteLoss as error:
+        log.close()
+        kept = complete_checkpoints(out)
+        where = (
+            f"the last good checkpoint is {kept[-1]} (continue with --resume after lowering train.lr)"
+            if kept
+            else ("no checkpoint was written (set train.checkpoint_every to keep one)")
+        )
+        raise HydraError(f"{error}; training stopped, {where}") from None
+    train_time = train_seconds + time.perf_counter() - train_started
     log.close()
     final = scheduler.allocation if scheduler is not None else allocation
     if scheduler is not None:
@@ -226,8 +319,6 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
                 model.save_pretrained(staging, safe_serialization=True)
         if final is not None:
             save_allocation(final, targets, out, f"{method} ranks (end)")
-        if scheduler is not None:
-            save_allocation(allocation, targets, out, f"{method} ranks (start)", name="allocation_start")
     results = evaluate(
         model,
         encoder,
@@ -249,6 +340,7 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
         "model": config.model.name_or_path,
         "seed": t.seed,
         "steps": t.max_steps,
+        "resumed_from_step": first_step - 1 if state is not None else None,
         "target_modules": len(targets),
         "budget_params": adapted.budget.total,
         "used_params": used,
@@ -272,3 +364,10 @@ def run(config: RunConfig, *, overwrite: bool = False, show_progress: bool = Tru
     accelerator.end_training()
     console.print(f"[bold]hydra-rank[/]: run written to {out}")
     return RunResult(metrics, model, out)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines after `step` (written after the checkpoint a resumed run continues from)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(kept))

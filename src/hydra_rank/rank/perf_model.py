@@ -22,10 +22,12 @@ It is cheap: a (modules x ~10) least-squares solve per decision.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .budget import Target
 
@@ -98,6 +100,20 @@ class PerfModel:
         increments = np.maximum(np.diff(gains, axis=1), 0.0)
         increments = np.minimum.accumulate(increments, axis=1)
         return np.concatenate([np.zeros((modules, 1)), np.cumsum(increments, axis=1)], axis=1)
+
+    def state_dict(self) -> dict:
+        as_tensor = functools.partial(torch.tensor, dtype=torch.float64)
+        return {
+            "weights": as_tensor(self.weights),
+            "intercept": self.intercept,
+            "intervals": [(as_tensor(x), as_tensor(y)) for x, y in self._intervals],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights = state["weights"].numpy()
+        self.intercept = float(state["intercept"])
+        self._intervals.clear()
+        self._intervals.extend((x.numpy(), y.numpy()) for x, y in state["intervals"])
 
     def describe(self) -> dict[str, float]:
         return {"intercept": self.intercept, **dict(zip(self.feature_names, map(float, self.weights), strict=True))}

@@ -54,6 +54,10 @@ def type_prior(targets: list[Target], budget: Budget) -> Allocation:
 
 
 def make_budget(config: AdapterConfig, targets: list[Target]) -> Budget:
+    """The run's budget: uniform LoRA's size at r0 (or `budget_params`), with the configured bounds; uniform LoRA
+    itself only ever has rank r0."""
+    if config.method == "lora":
+        return Budget(uniform_budget(targets, config.rank), config.rank, config.rank)
     total = config.budget_params if config.budget_params is not None else uniform_budget(targets, config.rank)
     return Budget(total, config.min_rank, config.upper_rank, config.rank_granularity)
 
@@ -97,8 +101,7 @@ def initial_allocation(
     """The allocation a run starts from, the budget it lives in, and the calibration spectra when it has them."""
     adapter = config.adapter
     if adapter.method == "lora":
-        uniform = Allocation.uniform(targets, adapter.rank)
-        return uniform, Budget(uniform.budget, adapter.rank, adapter.rank), None
+        return Allocation.uniform(targets, adapter.rank), make_budget(adapter, targets), None
     budget = make_budget(adapter, targets)
     budget.check_feasible(targets)
     if adapter.allocation_path:

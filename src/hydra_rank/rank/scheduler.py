@@ -23,6 +23,8 @@ After the last decision the ranks are frozen and the adapter trains on at its fi
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -204,6 +206,37 @@ class HydraScheduler:
             self.history.write(entry)
         record["hydra_decision_s"] = entry["seconds"]
         return bool(resized)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to make the same decisions (tensors and plain containers only)."""
+        as_tensor = functools.partial(torch.tensor, dtype=torch.float64)
+        return {
+            "ranks": dict(self.allocation.ranks),
+            "allocation_info": json.dumps(self.allocation.info),
+            "perf_model": self.perf_model.state_dict(),
+            "realised": as_tensor(self.realised),
+            "pending": None if self.pending is None else tuple(as_tensor(a) for a in self.pending),
+            "decisions_made": self.decisions_made,
+            "spearmans": list(self.spearmans),
+            "seconds": dict(self.seconds),
+            "generator": self.generator.get_state(),
+            "sketches": None if self.sketches is None else self.sketches.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output; the model must already have the saved ranks (see `train.py`)."""
+        self.allocation = Allocation(dict(state["ranks"]), self.budget.total, json.loads(state["allocation_info"]))
+        self.perf_model.load_state_dict(state["perf_model"])
+        self.realised = state["realised"].numpy().copy()
+        self.pending = None if state["pending"] is None else tuple(a.numpy() for a in state["pending"])
+        self.decisions_made = int(state["decisions_made"])
+        self.spearmans = list(state["spearmans"])
+        self.seconds = dict(state["seconds"])
+        self.generator.set_state(state["generator"])
+        if state["sketches"] is not None:
+            rank = self.budget.max_rank + SKETCH_OVERSAMPLING
+            self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, seed=0)
+            self.sketches.load_state_dict(state["sketches"])
 
     def summary(self) -> dict[str, Any]:
         finite = [s for s in self.spearmans if np.isfinite(s)]

@@ -91,6 +91,20 @@ class StackedGradientSketch:
             self._compress()
         self.seconds += time.perf_counter() - started
 
+    def state_dict(self) -> dict:
+        return {
+            "output_parts": list(self.output_parts),
+            "input_parts": list(self.input_parts),
+            "total_energy": self.total_energy,
+            "seconds": self.seconds,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.output_parts, self.input_parts = list(state["output_parts"]), list(state["input_parts"])
+        self.total_energy, self.seconds = state["total_energy"], state["seconds"]
+        self.generator.set_state(state["generator"])
+
     def _compress(self) -> None:
         self.output_parts = [_top_factor(torch.cat(self.output_parts, dim=1), self.rank)]
         self.input_parts = [_top_factor(torch.cat(self.input_parts, dim=1), self.rank)]
@@ -123,6 +137,13 @@ class SketchHooks:
                 output.register_hook(lambda grad: self.sketches[name].update(inputs, grad))
 
         return forward_hook
+
+    def state_dict(self) -> dict:
+        return {name: sketch.state_dict() for name, sketch in self.sketches.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, sketch in self.sketches.items():
+            sketch.load_state_dict(state[name])
 
     def remove(self) -> None:
         for handle in self.handles:
