@@ -148,6 +148,22 @@ def demo(
 
 
 @app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="YAML run configuration to check.")],
+    set_: SetOption = None,
+) -> None:
+    """Check a configuration and its data before a long run: config keys, model and targets, budget, and every
+    sample (images readable and inside the image folder, placeholders, length). Exit status 2 on the first problem."""
+    with _user_errors():
+        from .validate import validate_config
+
+        summary = validate_config(_config(config, set_))
+        for key, value in summary.items():
+            stdout.print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+        console.print("[bold green]ok[/]: the configuration and data are ready to train")
+
+
+@app.command()
 def allocate(
     config: Annotated[Path, typer.Argument(help="YAML run configuration: model, data, adapter budget and bounds.")],
     output_dir: Annotated[Path, typer.Option(help="Where allocation.json and allocation.png go.")] = Path(

@@ -133,8 +133,23 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Names other tools use for our keys, so that the suggestion for them is the right one.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_steps": "max_steps",
+    "steps": "max_steps",
+    "r": "rank",
+    "lora_r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "model_name_or_path": "name_or_path",
+}
+
+
 def _suggest(key: str, options: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, options, n=1)
+    close = [ALIASES[key]] if ALIASES.get(key) in options else difflib.get_close_matches(key, options, n=1)
     return f" Did you mean {prefix + close[0]!r}?" if close else f" Valid keys: {', '.join(options)}."
 
 

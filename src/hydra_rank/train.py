@@ -267,7 +267,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
             pass
 
         def step_end(self, step: int, record: dict[str, Any]) -> bool:
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps and _finite(model):
                 current = scheduler.allocation if scheduler is not None else allocation
                 extra = {
                     "ranks": None if current is None else dict(current.ranks),
@@ -364,6 +364,12 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
     accelerator.end_training()
     console.print(f"[bold]hydra-rank[/]: run written to {out}")
     return RunResult(metrics, model, out)
+
+
+def _finite(model: nn.Module) -> bool:
+    """A checkpoint is only worth keeping if every trainable value is finite (a diverging step can leave inf
+    parameters behind a still-finite loss; the next step's loss check then stops the run)."""
+    return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
 def _truncate_log(path: Path, step: int) -> None:

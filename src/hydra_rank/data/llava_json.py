@@ -41,11 +41,14 @@ def _records(path: Path) -> list[tuple[str, Any]]:
 
 
 def resolve_image(image_root: Path, relative: str, source: str) -> Path:
-    """The image file for a dataset entry, refusing paths that escape `image_root`."""
+    """The image file for a dataset entry, refusing paths that escape `image_root` and files that do not exist (a
+    missing image is found when the dataset is read, not hours into training)."""
     root = image_root.resolve()
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
         raise DataError(f"{source}: image path {relative!r} points outside the image folder {root}")
+    if not path.is_file():
+        raise DataError(f"{source}: image {path} does not exist; check data.image_root or the file name")
     return path
 
 
