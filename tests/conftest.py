@@ -109,3 +109,24 @@ def write_colour_dataset(root: Path, count: int = 12) -> tuple[Path, Path]:
 @pytest.fixture
 def colour_dataset(tmp_path) -> tuple[Path, Path]:
     return write_colour_dataset(tmp_path / "data")
+
+
+def write_text_dataset(root: Path, count: int = 12) -> tuple[Path, Path]:
+    """The colour questions without images (the colour is named in the question), for text-only language models."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    records = [
+        {
+            "id": str(index),
+            "conversations": [
+                {"from": "human", "value": f"the square is {names[index % len(names)]}. what color is the shape?"},
+                {"from": "gpt", "value": names[index % len(names)]},
+            ],
+        }
+        for index in range(count)
+    ]
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    held_out = root / "eval.json"
+    held_out.write_text(json.dumps(records[: count // 2]))
+    return train, held_out
