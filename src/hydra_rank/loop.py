@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .loss import answer_loss
 from .utils import progress_bar
@@ -84,6 +85,16 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, step: i
         base.add_param_group({"params": new, "born": step})
 
 
+def rewrap(model: nn.Module) -> nn.Module:
+    """After adapters changed shape, a DistributedDataParallel wrapper must be rebuilt: it registered the old
+    parameters for gradient all-reduce. Every process resized identically, so the new wrapper starts in sync."""
+    if isinstance(model, DistributedDataParallel):
+        inner = model.module
+        device_ids = None if inner.device.type == "cpu" else [inner.device.index]
+        return DistributedDataParallel(inner, device_ids=device_ids)
+    return model
+
+
 def batches_forever(loader: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
     """Cycle a data loader epoch after epoch (a shuffling sampler draws a new order each epoch)."""
     epoch = 0
@@ -147,4 +158,5 @@ def optimize(
             for hook in hooks:
                 if hook.step_end(step, record):  # re-bind at once, so later hooks (a checkpoint) see the new state
                     rebind_optimizer(optimizer, model, step)
+                    model = rewrap(model)
             advance(loss=record["loss"])

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from peft import PeftModel
 
 from ..config import ScheduleConfig
@@ -40,6 +41,17 @@ from .budget import Allocation, Budget, Target
 from .perf_model import PerfModel, spearman
 from .resize import ADAPTER, apply_allocation, lora_layers
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
+
+
+def _agree(allocation: Allocation) -> Allocation:
+    """With several processes: the main process's decision, broadcast to all (every process computed the same one
+    from the same synchronized statistics; this makes sure they resize identically even if floating point ever
+    differed). A no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return allocation
+    shared = [allocation.ranks]
+    dist.broadcast_object_list(shared, src=0)
+    return Allocation(shared[0], allocation.budget, allocation.info)
 
 
 def decision_steps(total_steps: int, config: ScheduleConfig) -> list[int]:
@@ -182,6 +194,7 @@ class HydraScheduler:
             )
         self.seconds["allocate"] += time.perf_counter() - tick
 
+        new = _agree(new)
         tick = time.perf_counter()
         directions = {name: spectrum.input_directions for name, spectrum in spectra.items()}
         resized = apply_allocation(self.model, new, directions, self.generator, self.optimizer)

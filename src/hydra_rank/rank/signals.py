@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..loss import answer_loss
@@ -91,6 +92,21 @@ class StackedGradientSketch:
             self._compress()
         self.seconds += time.perf_counter() - started
 
+    def synchronize(self) -> None:
+        """Across processes (each saw its own batches): merge everyone's factors, sum the energies. Every process
+        ends with the same sketch of all the data. A no-op without torch.distributed."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        self._compress()
+        for side in ("output_parts", "input_parts"):
+            mine = getattr(self, side)[0].contiguous()
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, mine)
+            setattr(self, side, [_top_factor(torch.cat(everyone, dim=1), self.rank)])
+        energy = torch.tensor([self.total_energy], dtype=torch.float64)
+        dist.all_reduce(energy)
+        self.total_energy = float(energy)
+
     def state_dict(self) -> dict:
         return {
             "output_parts": list(self.output_parts),
@@ -151,6 +167,9 @@ class SketchHooks:
         self.handles = []
 
     def results(self) -> dict[str, ModuleSpectrum]:
+        """Every module's spectrum, over the batches of all processes."""
+        for sketch in self.sketches.values():
+            sketch.synchronize()
         return {name: sketch.result() for name, sketch in self.sketches.items()}
 
     @property
