@@ -16,6 +16,7 @@ Output directory layout:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -96,7 +97,7 @@ class StepLogger:
     the trainable-parameter count (its maximum over the run is reported)."""
 
     def __init__(
-        self, config: RunConfig, model: nn.Module, accelerator: Accelerator, log: JsonlWriter, eval_items, pad
+        self, config: RunConfig, model: nn.Module, accelerator: Accelerator, log: JsonlWriter | None, eval_items, pad
     ):
         self.config, self.model, self.accelerator, self.log = config, model, accelerator, log
         self.eval_items, self.pad = eval_items, pad
@@ -111,7 +112,8 @@ class StepLogger:
         self.max_trainable = max(self.max_trainable, record["trainable_params"])
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             record["eval_loss"] = mean_answer_loss(self.model, self.eval_items, self.pad, self.config.eval.batch_size)
-        self.log.write({"step": step, **record})
+        if self.log is not None:  # the main process writes the log
+            self.log.write({"step": step, **record})
         scalars = {f"train/{key}": value for key, value in record.items() if isinstance(value, (int, float))}
         self.accelerator.log(scalars, step=step)
         return False
@@ -189,11 +191,12 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
     t, method = config.train, config.adapter.method
     out = Path(t.output_dir)
     state = _resumable(config, out) if resume else None
-    if state is None:
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
+    if state is None and accelerator.is_main_process:
         prepare_output_dir(out, overwrite)
         atomic_write_text(out / "config.yaml", config.to_yaml())
+    accelerator.wait_for_everyone()
     set_seed(t.seed)
-    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
     accelerator.init_trackers("tensorboard")
     show = show_progress and accelerator.is_main_process
 
@@ -254,8 +257,8 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
     for hook in hooks:
         hook.bind(optimizer)
     eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
-    log = JsonlWriter(out / "log.jsonl")
-    logger = StepLogger(config, model, accelerator, log, eval_items, encoder.pad_token_id)
+    log = JsonlWriter(out / "log.jsonl") if accelerator.is_main_process else None
+    logger = StepLogger(config, accelerator.unwrap_model(model), accelerator, log, eval_items, encoder.pad_token_id)
     if state is not None:
         logger.max_trainable = state["max_trainable"]
     train_started = time.perf_counter()
@@ -298,7 +301,8 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
             first_step=first_step,
         )
     except NonFiniteLoss as error:
-        log.close()
+        if log is not None:
+            log.close()
         kept = complete_checkpoints(out)
         where = (
             f"the last good checkpoint is {kept[-1]} (continue with --resume after lowering train.lr)"
@@ -307,7 +311,8 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
         )
         raise HydraError(f"{error}; training stopped, {where}") from None
     train_time = train_seconds + time.perf_counter() - train_started
-    log.close()
+    if log is not None:
+        log.close()
     final = scheduler.allocation if scheduler is not None else allocation
     if scheduler is not None:
         scheduler.close()
@@ -355,6 +360,8 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": torch.get_num_threads(),
     }
+    if t.debug_checks and accelerator.num_processes > 1:
+        write_json(out / f"process-{accelerator.process_index}.json", process_fingerprint(model, final))
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
         lines = "".join(f"{json.dumps(p, sort_keys=True)}\n" for p in predictions)
@@ -364,6 +371,16 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
     accelerator.end_training()
     console.print(f"[bold]hydra-rank[/]: run written to {out}")
     return RunResult(metrics, model, out)
+
+
+def process_fingerprint(model: nn.Module, allocation: Allocation | None) -> dict[str, Any]:
+    """What this process holds at the end: its ranks and a hash of its trainable values (multi-process checks)."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode())
+            digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return {"ranks": None if allocation is None else allocation.ranks, "trainable_sha256": digest.hexdigest()}
 
 
 def _finite(model: nn.Module) -> bool:
