@@ -143,6 +143,7 @@ def adapt(
 
     `ranks` (a resumed run's current ranks) replaces the starting allocation, so no calibration runs again."""
     method = config.adapter.method
+    torch.manual_seed(config.train.seed)  # adapter initialisation depends on the seed alone, not on what loading drew
     if method == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(False)

@@ -131,12 +131,18 @@ def calibration_batches(
     samples: list[Sample], encoder: ChatEncoder, batch_size: int, count: int, seed: int, device: torch.device
 ) -> list[dict[str, torch.Tensor]]:
     """`count` training batches drawn with their own seed, for the gradient statistics behind the allocation."""
-    chosen = random.Random(seed + 1).sample(samples, min(len(samples), batch_size * count))
     batches = []
-    for start in range(0, len(chosen), batch_size):
-        batch = collate([encoder.encode(s) for s in chosen[start : start + batch_size]], encoder.pad_token_id)
+    for indices in calibration_indices(len(samples), batch_size, count, seed):
+        batch = collate([encoder.encode(samples[i]) for i in indices], encoder.pad_token_id)
         batches.append({key: value.to(device) for key, value in batch.items()})
     return batches
+
+
+def calibration_indices(size: int, batch_size: int, count: int, seed: int) -> list[list[int]]:
+    """Which samples form the calibration batches: a seeded draw independent of the training order, shared by the
+    built-in loop and the Trainer integration so both start from the same allocation."""
+    chosen = random.Random(seed + 1).sample(range(size), min(size, batch_size * count))
+    return [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
 
 
 def save_allocation(

@@ -1,0 +1,203 @@
+"""HyDRA inside Hugging Face `Trainer` and TRL's `SFTTrainer`: change the class, keep the rest of the script.
+
+    trainer = HydraTrainer(model=base_model, args=args, train_dataset=data, data_collator=collate)  # was Trainer
+    trainer.train()
+    trainer.save_model()  # a stock PEFT adapter: rank_pattern/alpha_pattern hold the final ranks
+
+    HydraSFTTrainer = with_hydra(trl.SFTTrainer)  # the same for any Trainer subclass
+
+The trainer is given the *base* model. Once the parent constructor has prepared datasets and collator, the mixin
+picks the targets, computes the starting allocation (calibrating on a few training batches when the method needs it)
+and wraps the model with PEFT LoRA, exactly as `hydra-rank train` does. `HydraCallback` then drives the same
+`HydraScheduler` the built-in loop uses: sketch hooks open before each decision, the optimizer's step hooks measure
+what every module's update removed from the loss, and at a decision the adapters are resized, the optimizer is
+re-bound (Adam state kept for surviving parameters, a new param group for new ones) and the learning-rate scheduler
+is told about the new group: the Trainer's own schedule times the built-in loop's short ramp for fresh parameters.
+With the same data order, schedule and seed, the decisions are the built-in loop's (tested).
+
+Limits, each a clear error: one process (Trainer keeps its DDP wrapper in a local variable of its training loop, so
+it cannot be rebuilt after a resize; `accelerate launch -m hydra_rank train` runs HyDRA on several), learning-rate
+schedules built on `LambdaLR` (every `lr_scheduler_type` except reduce_lr_on_plateau), LoRA-rank methods only
+(AdaLoRA and full fine-tuning are PEFT/Trainer features already), and no resuming a Trainer checkpoint taken while
+ranks were still moving (its tensors have the shapes of that moment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback
+
+from .config import AdapterConfig, RunConfig, ScheduleConfig, TrainConfig, validate
+from .errors import ConfigError, HydraError
+from .loop import rebind_optimizer
+from .rank.budget import discover_targets
+from .rank.plan import calibration_indices, needs_calibration, save_allocation
+from .rank.scheduler import HydraScheduler
+from .train import adapt
+
+TRAINER_METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine", "control-shuffled", "control-prior")
+
+
+@dataclass(frozen=True)
+class RampedLambda:
+    """A param group born at step `born`: the schedule's factor times a linear ramp over `steps` (picklable, so the
+    Trainer can save its scheduler). LambdaLR evaluates factors at `epoch` = the number of steps taken."""
+
+    shape: Any
+    born: int
+    steps: int
+
+    def __call__(self, epoch: int) -> float:
+        ramp = min(1.0, (epoch + 1 - self.born) / self.steps) if self.steps else 1.0
+        return self.shape(epoch) * ramp
+
+
+class HydraCallback(TrainerCallback):
+    """Runs the HyDRA scheduler inside `Trainer.train` (added by `HydraTrainer`; see the module docstring)."""
+
+    def __init__(self, config: RunConfig, adapted, targets: list, history_dir: Path | None) -> None:
+        self.config, self.adapted, self.targets, self.history_dir = config, adapted, targets, history_dir
+        self.scheduler: HydraScheduler | None = None
+        self.step_loss = 0.0
+        self.shape: Any = None
+        self.base_lr = 0.0
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.config.adapter.method != "hydra":
+            return
+        if state.global_step > 0:
+            raise HydraError(
+                "resuming a Trainer checkpoint is not supported with method hydra: the adapter shapes changed after "
+                "it was saved; start again, or use `hydra-rank train --resume`, which restores ranks exactly"
+            )
+        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # unwrap Accelerate's AcceleratedScheduler
+        if not isinstance(schedule, LambdaLR):
+            raise ConfigError(
+                f"HydraTrainer needs a LambdaLR-based learning-rate schedule to give resized parameters their ramp, "
+                f"got {type(schedule).__name__}; use any lr_scheduler_type except reduce_lr_on_plateau"
+            )
+        self.shape, self.base_lr = schedule.lr_lambdas[0], schedule.base_lrs[0]
+        self.scheduler = HydraScheduler(
+            model,
+            self.targets,
+            self.adapted.budget,
+            self.adapted.allocation,
+            self.config.schedule,
+            state.max_steps,
+            seed=self.config.train.seed,
+            history_path=None if self.history_dir is None else self.history_dir / "allocation_history.jsonl",
+            initial_spectra=self.adapted.spectra,
+            debug_checks=self.config.train.debug_checks,
+        )
+        self.scheduler.bind(optimizer)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_loss = 0.0
+        if self.scheduler is not None:
+            self.scheduler.step_begin(state.global_step + 1)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if self.scheduler is None:
+            return
+        step = state.global_step
+        if self.scheduler.step_end(step, {"loss": self.step_loss}):
+            schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
+            groups = getattr(optimizer, "optimizer", optimizer).param_groups
+            known = {id(g): (fn, lr) for g, fn, lr in zip(groups, schedule.lr_lambdas, schedule.base_lrs, strict=True)}
+            rebind_optimizer(optimizer, model, step)
+            ramp = self.config.schedule.resize_warmup_steps
+            pairs = [known.get(id(g), (RampedLambda(self.shape, step, ramp), self.base_lr)) for g in groups]
+            schedule.lr_lambdas = [fn for fn, _ in pairs]
+            schedule.base_lrs = [lr for _, lr in pairs]
+            for group, (fn, lr) in zip(groups, pairs, strict=True):  # the scheduler already stepped for this step
+                group.setdefault("initial_lr", lr)
+                group["lr"] = lr * fn(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in groups]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.scheduler is not None:
+            self.scheduler.close()
+        if self.history_dir is not None and self.adapted.allocation is not None:
+            final = self.scheduler.allocation if self.scheduler is not None else self.adapted.allocation
+            save_allocation(final, self.targets, self.history_dir, f"{self.config.adapter.method} ranks (end)")
+
+
+class HydraTrainerMixin:
+    """Mixed in before a `Trainer` class (see `with_hydra`). Extra keyword arguments, all optional:
+    `hydra_adapter` (AdapterConfig: method, rank r0 whose uniform-LoRA size is the budget, alpha, targets),
+    `hydra_schedule` (ScheduleConfig: when decisions happen and how much may move), `hydra_debug_checks`
+    (assert the budget after every step)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        hydra_adapter: AdapterConfig | None = None,
+        hydra_schedule: ScheduleConfig | None = None,
+        hydra_debug_checks: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        training = self.args
+        adapter = hydra_adapter or AdapterConfig()
+        if adapter.method not in TRAINER_METHODS:
+            raise ConfigError(
+                f"HydraTrainer runs the LoRA-rank methods {TRAINER_METHODS}, got {adapter.method!r}; for AdaLoRA or "
+                f"full fine-tuning use PEFT's AdaLoraConfig or a plain Trainer"
+            )
+        if training.world_size > 1:
+            raise HydraError(
+                "HydraTrainer runs in one process; for several, use `accelerate launch -m hydra_rank train CONFIG`"
+            )
+        train = TrainConfig(
+            seed=training.seed,
+            batch_size=training.per_device_train_batch_size,
+            output_dir=str(training.output_dir),
+            debug_checks=hydra_debug_checks,
+        )
+        self.hydra_config = validate(
+            RunConfig(adapter=adapter, schedule=hydra_schedule or ScheduleConfig(), train=train)
+        )
+        targets = discover_targets(self.model, adapter.target_modules)
+        count = adapter.calibration_batches if needs_calibration(self.hydra_config) else 0
+        adapted = adapt(self.hydra_config, self.model, targets, self._calibration_batches(count), show_progress=False)
+        self.model = self.model_wrapped = adapted.model
+        history_dir = Path(training.output_dir) if self.is_world_process_zero() else None
+        if history_dir is not None:
+            history_dir.mkdir(parents=True, exist_ok=True)
+        self.hydra = HydraCallback(self.hydra_config, adapted, targets, history_dir)
+        self.add_callback(self.hydra)
+
+    def _calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """The built-in loop's calibration batches: the same seeded indices, through this trainer's collator."""
+        if count == 0:
+            return []
+        if self.train_dataset is None or self.data_collator is None:
+            raise ConfigError(
+                f"method {self.hydra_config.adapter.method} calibrates on training batches: pass "
+                f"train_dataset (and data_collator) to the trainer"
+            )
+        batches = []
+        for indices in calibration_indices(
+            len(self.train_dataset), self.args.per_device_train_batch_size, count, self.args.seed
+        ):
+            batch = self.data_collator([self.train_dataset[i] for i in indices])
+            batches.append({key: value.to(self.args.device) for key, value in batch.items()})
+        return batches
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.hydra.step_loss += float(loss)  # what the Trainer reports for the step, kept in the allocation history
+        return loss
+
+
+def with_hydra(trainer_class: type[Trainer]) -> type[Trainer]:
+    """`trainer_class` with HyDRA mixed in, e.g. `with_hydra(trl.SFTTrainer)`."""
+    return type(f"Hydra{trainer_class.__name__}", (HydraTrainerMixin, trainer_class), {})
+
+
+HydraTrainer = with_hydra(Trainer)
