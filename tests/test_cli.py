@@ -103,6 +103,6 @@ def test_make_scenes_writes_a_llava_dataset(tmp_path):
     result = runner.invoke(app, ["make-scenes", str(tmp_path / "scenes"), "--seed", "1"])
     assert result.exit_code == 0, result.output
     assert "train and" in result.output
-    from hydra_rank.data.llava_json import load_llava_json
+    from hydra_rank.data.records import load_json_samples
 
-    assert len(load_llava_json(tmp_path / "scenes" / "test.jsonl")) > 1000
+    assert len(load_json_samples(tmp_path / "scenes" / "test.jsonl")) > 1000

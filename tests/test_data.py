@@ -5,7 +5,7 @@ import pytest
 from hydra_rank.config import DataConfig
 from hydra_rank.data import EncodedDataset, easy_vqa, load_samples
 from hydra_rank.data.encode import IGNORE_INDEX, ChatEncoder, collate
-from hydra_rank.data.llava_json import load_llava_json
+from hydra_rank.data.records import load_json_samples
 from hydra_rank.data.sample import Sample, load_image
 from hydra_rank.errors import DataError
 
@@ -56,7 +56,7 @@ def test_eval_subset_is_fixed_across_training_seeds():
 
 def test_llava_json_and_jsonl_read_the_same_records(colour_dataset):
     train_path, eval_path = colour_dataset
-    train, held_out = load_llava_json(train_path), load_llava_json(eval_path)
+    train, held_out = load_json_samples(train_path), load_json_samples(eval_path)
     assert len(train) == 12 and len(held_out) == 6
     assert train[:6] != held_out  # sources differ (file:line vs file[index]) ...
     assert [s.messages for s in train[:6]] == [s.messages for s in held_out]  # ... the content does not
@@ -72,7 +72,7 @@ def test_llava_json_and_jsonl_read_the_same_records(colour_dataset):
         (json.dumps({"image": "images/0.png", "conversations": [{"from": "gpt", "value": "x"}]}), "placeholder"),
         (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "each turn needs 'from'"),
         (json.dumps({"conversations": [{"from": "human", "value": "hi"}]}), "must end with an assistant message"),
-        (json.dumps([1, 2]), "expected an object with a 'conversations' list"),
+        (json.dumps([1, 2]), "expected an object with a 'conversations' or 'messages' list"),
     ],
 )
 def test_bad_llava_records_name_file_and_line(colour_dataset, line, message):
@@ -80,21 +80,21 @@ def test_bad_llava_records_name_file_and_line(colour_dataset, line, message):
     first = train_path.read_text().splitlines()[0]
     train_path.write_text(f"{first}\n{line}\n")
     with pytest.raises(DataError, match=message):
-        load_llava_json(train_path)
+        load_json_samples(train_path)
 
 
 def test_empty_and_missing_dataset_files(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match="holds no samples"):
-        load_llava_json(empty)
+        load_json_samples(empty)
     with pytest.raises(DataError, match="does not exist"):
-        load_llava_json(tmp_path / "missing.json")
+        load_json_samples(tmp_path / "missing.json")
 
 
 def test_missing_and_corrupt_images_fail_on_encode(colour_dataset, encoder):
     train_path, _ = colour_dataset
-    samples = load_llava_json(train_path)
+    samples = load_json_samples(train_path)
     samples[0].images[0].unlink()
     with pytest.raises(DataError, match="does not exist"):
         encoder.encode(samples[0])
@@ -104,7 +104,7 @@ def test_missing_and_corrupt_images_fail_on_encode(colour_dataset, encoder):
 
 
 def test_labels_cover_exactly_the_answer_and_end_of_turn(encoder, colour_dataset):
-    sample = load_llava_json(colour_dataset[0])[2]
+    sample = load_json_samples(colour_dataset[0])[2]
     item = encoder.encode(sample)
     tokenizer = encoder.tokenizer
     answer_ids = [t for t in item.labels if t != IGNORE_INDEX]
@@ -121,7 +121,7 @@ def test_labels_cover_exactly_the_answer_and_end_of_turn(encoder, colour_dataset
 
 def test_prompt_tokens_equal_what_generation_sees(encoder, colour_dataset):
     """Training tokenizes the prompt exactly as a generation prompt would be (template + processor)."""
-    sample = load_llava_json(colour_dataset[0])[0]
+    sample = load_json_samples(colour_dataset[0])[0]
     item = encoder.encode(sample)
     messages = [{"role": "system", "content": "Answer briefly."}, *sample.prompt_messages]
     text = encoder.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -130,7 +130,7 @@ def test_prompt_tokens_equal_what_generation_sees(encoder, colour_dataset):
 
 
 def test_multi_turn_conversations_label_every_answer(encoder, colour_dataset):
-    image = load_llava_json(colour_dataset[0])[0].images[0]
+    image = load_json_samples(colour_dataset[0])[0].images[0]
     sample = Sample(
         messages=(
             {"role": "user", "content": "<image>\nwhat color?"},
@@ -147,13 +147,13 @@ def test_multi_turn_conversations_label_every_answer(encoder, colour_dataset):
 
 
 def test_system_prompt_none_uses_the_templates_default(processor, colour_dataset):
-    item = ChatEncoder(processor, system_prompt=None).encode(load_llava_json(colour_dataset[0])[0])
+    item = ChatEncoder(processor, system_prompt=None).encode(load_json_samples(colour_dataset[0])[0])
     assert "You are a helpful AI assistant named SmolLM" in processor.tokenizer.decode(item.input_ids)
 
 
 def test_too_long_samples_are_rejected_not_truncated(processor, colour_dataset):
     with pytest.raises(DataError, match=r"more than data\.max_length=10"):
-        ChatEncoder(processor, max_length=10).encode(load_llava_json(colour_dataset[0])[0])
+        ChatEncoder(processor, max_length=10).encode(load_json_samples(colour_dataset[0])[0])
 
 
 def test_tokenizer_without_chat_template_is_rejected(tokenizer):
@@ -164,7 +164,7 @@ def test_tokenizer_without_chat_template_is_rejected(tokenizer):
 
 
 def test_collate_pads_right_for_training_and_left_for_generation(encoder, colour_dataset):
-    samples = load_llava_json(colour_dataset[0])[:3]
+    samples = load_json_samples(colour_dataset[0])[:3]
     longer = {"role": "user", "content": "<image>\nwhat is the colour of this shape, please?"}
     samples[1] = Sample(
         messages=(longer, samples[1].messages[-1]),
@@ -195,7 +195,7 @@ def test_scenes_are_deterministic_and_answers_match_the_drawing(tmp_path):
     scenes.generate(second, seed=3)
     assert (first / "train.jsonl").read_text() == (second / "train.jsonl").read_text()
     assert (first / "images" / "test-00007.png").read_bytes() == (second / "images" / "test-00007.png").read_bytes()
-    samples = load_llava_json(first / "train.jsonl")
+    samples = load_json_samples(first / "train.jsonl")
     assert len(samples) == counts["train"] and counts["test"] > 1000
     kinds = {s.messages[0]["content"].split("\n")[1].split()[0] for s in samples}
     assert kinds == {"Describe", "How", "What", "Where", "Is"}
@@ -221,7 +221,7 @@ def test_text_tasks_are_correct_and_deterministic(tmp_path):
     text_tasks.write_task(tmp_path / "a", seed=5, train=200, test=20)
     text_tasks.write_task(tmp_path / "b", seed=5, train=200, test=20)
     assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
-    for sample in load_llava_json(tmp_path / "a" / "train.jsonl"):
+    for sample in load_json_samples(tmp_path / "a" / "train.jsonl"):
         question, answer = sample.messages[0]["content"], sample.answer
         assert not sample.images
         argument = question.split(": ", 1)[1]
@@ -234,3 +234,123 @@ def test_text_tasks_are_correct_and_deterministic(tmp_path):
             assert answer == "".join(sorted(argument))
         else:
             assert answer.replace("-", "") == argument[::-1]
+
+
+def _llava_record(index: int, colour: str) -> dict:
+    return {
+        "image": f"images/{index}.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is the shape?"},
+            {"from": "gpt", "value": colour},
+        ],
+    }
+
+
+def test_messages_and_sharegpt_records_read_as_the_llava_record(colour_dataset, tmp_path):
+    root = colour_dataset[0].parent
+    question = "what color is the shape?"
+    shapes = {
+        "llava": _llava_record(0, "red"),
+        "sharegpt with images and system": {
+            "system": "Answer briefly.",
+            "images": ["images/0.png"],
+            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": "red"}],
+        },
+        "messages with placeholders": {
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": f"<image>\n{question}"},
+                {"role": "assistant", "content": "red"},
+            ],
+            "images": ["images/0.png"],
+        },
+        "messages with content parts": {
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{question}"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            ],
+            "images": ["images/0.png"],
+        },
+    }
+    path = root / "mixed.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in shapes.values()))
+    samples = load_json_samples(path)
+    llava = samples[0]
+    for name, sample in zip(list(shapes)[1:], samples[1:], strict=True):
+        assert sample.images == llava.images, name
+        assert sample.messages[-2:] == llava.messages, name
+        assert sample.messages[0] == {"role": "system", "content": "Answer briefly."}, name
+
+
+def test_multi_image_multi_turn_sample_encodes_every_image_and_answer(encoder, colour_dataset):
+    record = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "same?"}]},
+            {"role": "assistant", "content": "no"},
+            {"role": "user", "content": "what color is the first one?"},
+            {"role": "assistant", "content": "red"},
+        ],
+        "images": ["images/0.png", "images/1.png"],
+    }
+    path = colour_dataset[0].parent / "two.json"
+    path.write_text(json.dumps([record]))
+    (sample,) = load_json_samples(path)
+    item = encoder.encode(sample)
+    image_token = encoder.tokenizer.convert_tokens_to_ids("<image>")
+    assert item.vision["pixel_values"].shape[0] == 2
+    per_image = encoder.encode(load_json_samples(colour_dataset[0])[0]).input_ids.count(image_token)
+    assert per_image > 0 and item.input_ids.count(image_token) == 2 * per_image
+    labelled = encoder.tokenizer.decode([t for t in item.labels if t != IGNORE_INDEX])
+    assert labelled == "no<|im_end|>red<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "content parts must be"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "each message needs 'role'"),
+        ({"messages": [{"role": "user", "content": "<image> hi"}, {"role": "assistant", "content": "a"}]},
+         "1 <image> placeholder"),
+        ({"question": "x"}, "'conversations' or 'messages'"),
+    ],
+)  # fmt: skip
+def test_bad_records_name_the_line_and_the_fix(colour_dataset, record, message):
+    path = colour_dataset[0].parent / "bad.jsonl"
+    path.write_text(json.dumps(_llava_record(0, "red")) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=message) as error:
+        load_json_samples(path)
+    assert "bad.jsonl:2" in str(error.value)
+
+
+def test_hf_datasets_folders_with_embedded_images_and_splits(colour_dataset, tmp_path):
+    datasets = pytest.importorskip("datasets")  # a dev dependency: `make test` installs it
+    root = colour_dataset[0].parent
+    records = [json.loads(line) for line in colour_dataset[0].read_text().splitlines()]
+    rows = {
+        "images": [[load_image(root / r["image"])] for r in records],
+        "messages": [
+            [{"role": "user", "content": "<image>\nwhat color is the shape?"},
+             {"role": "assistant", "content": r["conversations"][-1]["value"]}]
+            for r in records
+        ],
+    }  # fmt: skip
+    data = datasets.Dataset.from_dict(rows, features=datasets.Features({
+        "images": datasets.Sequence(datasets.Image()),
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+    }))  # fmt: skip
+    datasets.DatasetDict({"train": data, "test": data.select(range(4))}).save_to_disk(str(tmp_path / "dd"))
+    train, held_out = load_samples(DataConfig(dataset="hf-dataset", train_path=str(tmp_path / "dd")), seed=0)
+    assert len(train) == 12 and len(held_out) == 4
+    from_json = {s.answer: load_image(s.images[0]) for s in load_json_samples(colour_dataset[0])}
+    for sample in train:
+        assert list(load_image(sample.images[0]).getdata()) == list(from_json[sample.answer].getdata())
+    data.save_to_disk(str(tmp_path / "flat"))
+    with pytest.raises(DataError, match="not a folder written by datasets"):
+        load_samples(DataConfig(dataset="hf-dataset", train_path=str(tmp_path)), seed=0)
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "trainonly"))
+    with pytest.raises(DataError, match=r"the eval data needs one of \['test', 'validation'\]"):
+        load_samples(DataConfig(dataset="hf-dataset", train_path=str(tmp_path / "trainonly")), seed=0)
+    flat, _ = load_samples(DataConfig(dataset="hf-dataset", train_path=str(tmp_path / "flat"),
+                                      eval_path=str(tmp_path / "flat")), seed=0)  # fmt: skip
+    assert len(flat) == 12

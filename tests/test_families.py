@@ -22,7 +22,7 @@ from PIL import Image
 
 from hydra_rank.config import ScheduleConfig
 from hydra_rank.data import ChatEncoder, Sample, collate, load_samples
-from hydra_rank.data.llava_json import load_llava_json
+from hydra_rank.data.records import load_json_samples
 from hydra_rank.errors import ModelLoadError
 from hydra_rank.export import export_run
 from hydra_rank.models.arch import arch_spec, decoder_layers, vision_layers
@@ -440,7 +440,7 @@ def test_prompts_spell_images_the_family_way_and_mark_tokens(name, image_text, k
     M-RoPE, Gemma 3's bidirectional image attention) or PaliGemma's causal suffix (the answer), nothing else."""
     _, processor = VISION_FAMILIES[name]()
     encoder = ChatEncoder(processor, "Answer briefly.")
-    item = encoder.encode(load_llava_json(colour_dataset[0])[0])
+    item = encoder.encode(load_json_samples(colour_dataset[0])[0])
     assert image_text in encoder.tokenizer.decode(item.input_ids[: item.prompt_length])
     assert set(item.token_types) == {key} and len(item.token_types[key]) == len(item.input_ids)
     marked = [index for index, value in enumerate(item.token_types[key]) if value]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hydra_rank.data import ChatEncoder, collate
-from hydra_rank.data.llava_json import load_llava_json
+from hydra_rank.data.records import load_json_samples
 from hydra_rank.loss import answer_loss
 from hydra_rank.rank.budget import discover_targets
 from hydra_rank.rank.signals import ModuleSpectrum, StackedGradientSketch, gradient_spectra
@@ -52,7 +52,7 @@ def test_gradient_spectra_on_a_model_leave_parameters_alone(tokenizer, colour_da
     model, processor = make_tiny_llava(tokenizer)
     targets = discover_targets(model)
     encoder = ChatEncoder(processor)
-    samples = load_llava_json(colour_dataset[0])
+    samples = load_json_samples(colour_dataset[0])
     batches = [collate([encoder.encode(s) for s in samples[i : i + 4]], encoder.pad_token_id) for i in (0, 4)]
     spectra, seconds = gradient_spectra(model, targets, batches, rank=6, show_progress=False)
     assert set(spectra) == {t.name for t in targets} and seconds > 0
@@ -71,7 +71,7 @@ def test_spectra_match_autograd_weight_gradients(tokenizer, colour_dataset):
     model, processor = make_tiny_llava(tokenizer)
     target = discover_targets(model)[2]  # a v_proj
     encoder = ChatEncoder(processor)
-    samples = load_llava_json(colour_dataset[0])
+    samples = load_json_samples(colour_dataset[0])
     batches = [collate([encoder.encode(s) for s in samples[i : i + 3]], encoder.pad_token_id) for i in (0, 3)]
     spectra, _ = gradient_spectra(model, [target], batches, rank=16, show_progress=False)
     weight = model.get_submodule(target.name).weight

@@ -20,7 +20,7 @@ import yaml
 from .errors import ConfigError
 from .models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, TINY_VLM
 
-DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json")
+DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json", "hf-dataset")
 METHODS = (
     "hydra",
     "lora",
@@ -45,10 +45,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # easy-vqa | scenes (generated multi-shape VQA) | text-tasks (generated, text only) | llava-json (your files)
+    # easy-vqa | scenes (generated multi-shape VQA) | text-tasks (generated, text only) | llava-json (your .json/.jsonl
+    # chats: LLaVA/ShareGPT or messages records) | hf-dataset (a folder from datasets' save_to_disk)
     dataset: str = "easy-vqa"
-    train_path: str | None = None  # llava-json: .json list or .jsonl file
-    eval_path: str | None = None
+    train_path: str | None = None  # llava-json: .json list or .jsonl file; hf-dataset: the save_to_disk folder
+    eval_path: str | None = None  # hf-dataset: optional when train_path holds a DatasetDict with a test split
     image_root: str | None = None  # folder image paths are relative to (default: the data file's folder)
     train_samples: int | None = None  # use a random subset of this size (None: all)
     eval_samples: int | None = 256  # evaluate on the first N of a fixed shuffle (None: all)
@@ -217,6 +218,8 @@ def validate(config: RunConfig) -> RunConfig:
         _require(
             bool(d.train_path and d.eval_path), "data.dataset llava-json needs data.train_path and data.eval_path"
         )
+    if d.dataset == "hf-dataset":
+        _require(bool(d.train_path), "data.dataset hf-dataset needs data.train_path (a datasets save_to_disk folder)")
     for key in ("train_samples", "eval_samples"):
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key} must be at least 1 (or null for all), got {value}")

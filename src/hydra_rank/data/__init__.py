@@ -11,7 +11,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from . import easy_vqa, scenes, text_tasks
 from .encode import ChatEncoder, Encoded, collate
-from .llava_json import load_llava_json
+from .records import load_hf_dataset, load_json_samples
 from .sample import Sample
 
 __all__ = ["ChatEncoder", "DataError", "EncodedDataset", "Sample", "collate", "load_samples"]
@@ -31,10 +31,13 @@ def load_samples(config: DataConfig, seed: int) -> tuple[list[Sample], list[Samp
         train, held_out = easy_vqa.questions("train"), easy_vqa.questions("test")
     elif config.dataset in ("scenes", "text-tasks"):
         root = scenes.cached_scenes() if config.dataset == "scenes" else text_tasks.cached_text_tasks()
-        train, held_out = load_llava_json(root / "train.jsonl"), load_llava_json(root / "test.jsonl")
+        train, held_out = load_json_samples(root / "train.jsonl"), load_json_samples(root / "test.jsonl")
+    elif config.dataset == "hf-dataset":
+        train = load_hf_dataset(config.train_path, "train", config.image_root)
+        held_out = load_hf_dataset(config.eval_path or config.train_path, "eval", config.image_root)
     else:
-        train = load_llava_json(config.train_path, config.image_root)
-        held_out = load_llava_json(config.eval_path, config.image_root)
+        train = load_json_samples(config.train_path, config.image_root)
+        held_out = load_json_samples(config.eval_path, config.image_root)
     return _subset(train, config.train_samples, seed), _subset(held_out, config.eval_samples, EVAL_SHUFFLE_SEED)
 
 

@@ -1,7 +1,8 @@
 """The one sample type every dataset format is read into.
 
-A sample is a chat (`messages` with `role`/`content`) plus the image files its `<image>` placeholders refer to, in
-order. Keeping formats out of the encoder means a new format is a reader that yields `Sample`s, nothing more.
+A sample is a chat (`messages` with `role`/`content`) plus the images its `<image>` placeholders refer to, in order:
+files (opened when encoded, so large datasets stay on disk) or images a `datasets` folder already decoded. Keeping
+formats out of the encoder means a new format is a reader that yields `Sample`s, nothing more.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class Sample:
     """A conversation whose last message is the assistant answer we train on and evaluate against."""
 
     messages: tuple[dict[str, str], ...]
-    images: tuple[Path, ...] = field(default=())
+    images: tuple[Path | Image.Image, ...] = field(default=())
     source: str = ""  # where the sample came from (file:line), for error messages
 
     def __post_init__(self) -> None:
@@ -48,8 +49,10 @@ class Sample:
         return self.messages[:-1]
 
 
-def load_image(path: Path, source: str = "") -> Image.Image:
+def load_image(path: Path | Image.Image, source: str = "") -> Image.Image:
     """Open an image as RGB, turning the ways it can fail into one `DataError` that names the file."""
+    if isinstance(path, Image.Image):
+        return path.convert("RGB")
     where = f" (referenced by {source})" if source else ""
     try:
         with Image.open(path) as image:
