@@ -459,3 +459,53 @@ def test_an_unknown_vision_backbone_is_named(tokenizer):
     model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text))
     with pytest.raises(ModelLoadError, match=r"'vit' backbone, which is not in .*VISION_BACKBONES"):
         vision_layers(model)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "idefics3"])
+def test_towers_share_one_budget_and_reload_with_stock_peft(name, tiny_llava_dir, tmp_path):
+    """Vision-tower and projector targets join the hierarchy: one budget across towers, resized, reloaded by PEFT."""
+    model_dir = save_family(name, tmp_path / f"{name}-model", tiny_llava_dir)
+    config = tiny_config(model_dir, write_colour_dataset(tmp_path / "data", count=8), tmp_path / "run", max_steps=4)
+    config.adapter.method = "hydra"
+    config.adapter.towers = ["language", "vision", "projector"]
+    config.adapter.max_rank = 6
+    config.train.debug_checks = True
+    config.schedule = ScheduleConfig(warmup_fraction=0.25, interval_fraction=0.25, freeze_fraction=0.9)
+    result = run(config, show_progress=False)
+
+    model = result.model.base_model.model
+    spec = arch_spec(model)
+    vision_path, _ = vision_layers(model)
+    ranks = json.loads((result.output_dir / "allocation.json").read_text())["ranks"]
+    prefixes = {"language": decoder_layers(model)[0], "vision": vision_path, "projector": spec.projector}
+    by_tower = {
+        tower: {n: r for n, r in ranks.items() if n.startswith(prefix + ".")} for tower, prefix in prefixes.items()
+    }
+    assert all(by_tower.values()) and sum(map(len, by_tower.values())) == len(ranks)
+    costs = {n: m.in_features + m.out_features for n, m in model.named_modules() if n in ranks}
+    budget = config.adapter.rank * sum(costs.values())  # uniform LoRA at r0 on all three towers
+    assert result.metrics["budget_params"] == budget >= result.metrics["max_trainable_params"]
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert sum(entry["resized_modules"] for entry in history) > 0
+    trained = {
+        n.split(".lora_B")[0] for n, p in result.model.named_parameters() if "lora_B" in n and p.abs().sum() > 0
+    }
+    assert any(n.startswith(f"base_model.model.{vision_path}") for n in trained)  # the vision adapters learned
+
+    base, processor = load_model(str(model_dir))
+    reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
+    encoder = ChatEncoder(processor, config.data.system_prompt)
+    _, samples = load_samples(config.data, seed=0)
+    batch = collate([encoder.encode(s) for s in samples[:2]], encoder.pad_token_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, result.model.eval()(**batch).logits)
+
+
+def test_a_text_only_model_has_no_vision_tower_to_adapt(tiny_llava_dir, tmp_path):
+    from hydra_rank.errors import ConfigError
+    from hydra_rank.rank.budget import discover_targets
+
+    model, _ = TEXT_FAMILIES["qwen2"]()
+    with pytest.raises(ConfigError, match=r"remove 'vision' from adapter\.towers"):
+        discover_targets(model, towers=["language", "vision"])

@@ -33,6 +33,7 @@ METHODS = (
     "control-prior",
 )
 SCHEDULE_INITS = ("warmup", "calibrated")
+TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,6 +69,9 @@ class AdapterConfig:
     alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
     dropout: float = 0.0
     target_modules: list[str] | None = None  # short names (q_proj, ...); None: every linear of every decoder layer
+    # where adapters go: the language model, plus optionally every linear of the vision tower and/or the projector;
+    # the budget (uniform LoRA at rank r0 on all of them) is then split across towers by the allocator
+    towers: list[str] = field(default_factory=lambda: ["language"])
     budget_params: int | None = None  # hydra methods: explicit parameter budget instead of uniform LoRA's size
     min_rank: int = 1
     max_rank: int | None = None  # None: 4 x rank
@@ -231,6 +235,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require(
         a.target_modules is None or len(a.target_modules) > 0, "adapter.target_modules is empty; use null for all"
     )
+    _require(bool(a.towers) and set(a.towers) <= set(TOWERS), f"adapter.towers must be a non-empty subset of {TOWERS}")
     _require(a.min_rank >= 1, f"adapter.min_rank must be at least 1, got {a.min_rank}")
     _require(a.rank_granularity >= 1, f"adapter.rank_granularity must be at least 1, got {a.rank_granularity}")
     _require(a.upper_rank >= a.min_rank, f"adapter.max_rank ({a.upper_rank}) is below adapter.min_rank ({a.min_rank})")

@@ -162,7 +162,7 @@ class HydraTrainerMixin:
         self.hydra_config = validate(
             RunConfig(adapter=adapter, schedule=hydra_schedule or ScheduleConfig(), train=train)
         )
-        targets = discover_targets(self.model, adapter.target_modules)
+        targets = discover_targets(self.model, adapter.target_modules, adapter.towers)
         count = adapter.calibration_batches if needs_calibration(self.hydra_config) else 0
         adapted = adapt(self.hydra_config, self.model, targets, self._calibration_batches(count), show_progress=False)
         self.model = self.model_wrapped = adapted.model

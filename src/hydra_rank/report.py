@@ -177,10 +177,10 @@ img{{max-width:36em}}</style></head>
 def plot_allocation(ranks: dict[str, int], targets: list, path: Path, title: str = "rank allocation") -> None:
     """Layer x module-kind heatmap of ranks, each cell annotated with its rank."""
     kinds = list(dict.fromkeys(t.kind for t in targets))
-    layers = sorted({t.layer for t in targets})
+    layers = list(dict.fromkeys((t.tower, t.layer) for t in targets))
     grid = np.full((len(layers), len(kinds)), np.nan)
     for target in targets:
-        grid[layers.index(target.layer), kinds.index(target.kind)] = ranks[target.name]
+        grid[layers.index((target.tower, target.layer)), kinds.index(target.kind)] = ranks[target.name]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(kinds), 1.2 + 0.28 * len(layers)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     for (row, col), value in np.ndenumerate(grid):
@@ -188,7 +188,8 @@ def plot_allocation(ranks: dict[str, int], targets: list, path: Path, title: str
             colour = "white" if value < np.nanmax(grid) * 0.6 else "black"
             ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7, color=colour)
     ax.set_xticks(range(len(kinds)), kinds, rotation=30)
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    labels = [str(layer) if tower == "language" else f"{tower} {layer}" for tower, layer in layers]
+    ax.set_yticks(range(len(layers)), labels, fontsize=7)
     ax.set_xlabel("module")
     ax.set_ylabel("decoder layer")
     ax.set_title(title)

@@ -204,7 +204,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
     model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, eval_samples = load_samples(config.data, t.seed)
-    targets = discover_targets(model, config.adapter.target_modules)
+    targets = discover_targets(model, config.adapter.target_modules, config.adapter.towers)
     model.to(accelerator.device)
     if state is None:
         calibration = config.adapter.calibration_batches if needs_calibration(config) else 0

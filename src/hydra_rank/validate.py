@@ -19,7 +19,7 @@ from .utils import progress_bar
 def validate_config(config: RunConfig, show_progress: bool = True) -> dict:
     model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
-    targets = discover_targets(model, config.adapter.target_modules)
+    targets = discover_targets(model, config.adapter.target_modules, config.adapter.towers)
     budget = make_budget(config.adapter, targets)
     budget.check_feasible(targets)
     train, held_out = load_samples(config.data, config.train.seed)

@@ -138,6 +138,28 @@ def _layer_linears(layer: nn.Module) -> list[tuple[str, nn.Linear]]:
     return found
 
 
+def tower_linears(model: nn.Module, tower: str) -> list[tuple[str, int, nn.Linear]]:
+    """(full name, layer index, linear) of every linear of the vision tower's layers or of the projector (one
+    "layer"), for LoRA targets outside the language model."""
+    spec = arch_spec(model)
+    if tower == "vision":
+        found = vision_layers(model)
+        groups = [] if found is None else [(f"{found[0]}.{index}", layer) for index, layer in enumerate(found[1])]
+    else:
+        groups = [] if spec.projector is None else [(spec.projector, model.get_submodule(spec.projector))]
+    linears = [
+        (f"{path}.{name}", index, linear)
+        for index, (path, module) in enumerate(groups)
+        for name, linear in _layer_linears(module)
+    ]
+    if not linears:
+        raise ConfigError(
+            f"adapter.towers includes {tower!r}, but {type(model).__name__} has no linear layers there (a text-only "
+            f"model has no vision tower or projector); remove {tower!r} from adapter.towers"
+        )
+    return linears
+
+
 def linear_targets(model: nn.Module, module_names: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
     """(full name, linear) of every linear inside every decoder layer, in layer order.
 

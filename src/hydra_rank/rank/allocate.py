@@ -94,7 +94,7 @@ def allocate(
         raise ConfigError(f"allocation mode must be one of {MODES}, got {mode!r}")
     budget.check_feasible(targets)
     ranks = budget.ranks()
-    layers = [list(group) for _, group in groupby(targets, key=lambda t: t.layer)]
+    layers = [list(group) for _, group in groupby(targets, key=lambda t: (t.tower, t.layer))]
     allocation = {t.name: budget.min_rank for t in targets}
     spare = budget.total - budget.min_rank * sum(t.cost for t in targets)
 

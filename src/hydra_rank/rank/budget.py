@@ -15,18 +15,21 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.arch import decoder_layers, linear_targets
+from ..models.arch import decoder_layers, linear_targets, tower_linears
 
 
 @dataclass(frozen=True)
 class Target:
-    """One adaptable linear: its full module name, decoder-layer index, short kind (q_proj...) and shape."""
+    """One adaptable linear: its full module name, layer index within its tower, kind and shape. Language-model
+    kinds are short names (q_proj...); other towers' kinds carry the tower (vision.fc1, projector.linear_1), so
+    module types never mix across towers."""
 
     name: str
     layer: int
     kind: str
     d_in: int
     d_out: int
+    tower: str = "language"
 
     @property
     def cost(self) -> int:
@@ -34,19 +37,34 @@ class Target:
         return self.d_in + self.d_out
 
 
-def discover_targets(model: nn.Module, module_names: list[str] | None = None) -> list[Target]:
-    """The language model's decoder-layer linears (optionally only the listed kinds), in layer order."""
-    path, _ = decoder_layers(model)
-    return [
-        Target(
-            name,
-            int(name[len(path) + 1 :].split(".", 1)[0]),
-            name.rsplit(".", 1)[1],
-            linear.in_features,
-            linear.out_features,
-        )
-        for name, linear in linear_targets(model, module_names)
-    ]
+def discover_targets(
+    model: nn.Module, module_names: list[str] | None = None, towers: tuple[str, ...] | list[str] = ("language",)
+) -> list[Target]:
+    """The language model's decoder-layer linears (optionally only the listed kinds), in layer order, then with
+    `towers` naming them every linear of the vision tower's layers and of the projector (off by default: the budget
+    is then shared across towers, an extra coarse level of the hierarchy)."""
+    targets = []
+    if "language" in towers:
+        path, _ = decoder_layers(model)
+        targets = [
+            Target(
+                name,
+                int(name[len(path) + 1 :].split(".", 1)[0]),
+                name.rsplit(".", 1)[1],
+                linear.in_features,
+                linear.out_features,
+            )
+            for name, linear in linear_targets(model, module_names)
+        ]
+    for tower in ("vision", "projector"):
+        if tower in towers:
+            targets += [
+                Target(
+                    name, index, f"{tower}.{name.rsplit('.', 1)[1]}", linear.in_features, linear.out_features, tower
+                )
+                for name, index, linear in tower_linears(model, tower)
+            ]
+    return targets
 
 
 def uniform_budget(targets: list[Target], rank: int) -> int:

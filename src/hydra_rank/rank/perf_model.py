@@ -56,8 +56,11 @@ class PerfModel:
 
     def __post_init__(self) -> None:
         self.kinds = sorted({t.kind for t in self.targets})
-        last_layer = max(t.layer for t in self.targets) or 1
-        self.depths = np.array([t.layer / last_layer for t in self.targets])
+        last = {
+            tower: max(t.layer for t in self.targets if t.tower == tower) or 1
+            for tower in {t.tower for t in self.targets}
+        }
+        self.depths = np.array([t.layer / last[t.tower] for t in self.targets])  # 0..1 within each tower
         self.kind_onehot = np.array([[t.kind == k for k in self.kinds] for t in self.targets], dtype=np.float64)
         self.weights = self.prior()
         self._intervals = deque(maxlen=self.history)

@@ -164,7 +164,7 @@ def allocate_for_config(config: RunConfig, output_dir: Path, show_progress: bool
     model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, _ = load_samples(config.data, config.train.seed)
-    targets = discover_targets(model, config.adapter.target_modules)
+    targets = discover_targets(model, config.adapter.target_modules, config.adapter.towers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = calibration_batches(
         train_samples, encoder, config.train.batch_size, config.adapter.calibration_batches, config.train.seed, device
