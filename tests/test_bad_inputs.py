@@ -158,6 +158,20 @@ def test_unsupported_architecture_names_what_to_add(tokenizer, colour_dataset, t
     )
 
 
+def test_model_folder_without_weights(tiny_llava_dir, colour_dataset, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_llava_dir, model_dir)
+    (model_dir / "model.safetensors").unlink()
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(base_config(model_dir, colour_dataset[0].parent, tmp_path / "run")))
+    result = runner.invoke(app, ["validate", str(path)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "cannot load the weights or processor" in errors[0] and "needs the model's weights" in errors[0]
+
+
 def test_tokenizer_without_chat_template(tiny_llava_dir, colour_dataset, tmp_path):
     import shutil
 

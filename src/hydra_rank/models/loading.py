@@ -50,12 +50,18 @@ def load_model(
     except (OSError, ValueError) as error:
         hint = "" if Path(source).exists() else " (no such local directory; a hub id needs network access)"
         raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {error}") from None
-    if is_image_text_to_text(config):
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
-        processor = load_processor(source, config, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
-        processor = AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        if is_image_text_to_text(config):
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+            processor = load_processor(source, config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+            processor = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(
+            f"cannot load the weights or processor of {name_or_path!r} ({type(error).__name__}: {error}); the folder"
+            " needs the model's weights (safetensors), its config and its processor or tokenizer files"
+        ) from None
     return model.eval(), processor
 
 
