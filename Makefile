@@ -25,6 +25,10 @@ demo: install
 test: install lint
 	$(BIN)/python -m pytest
 
+# the headline table of BENCHMARKS.md (about an hour on 2 CPU cores); benchmarks/reproduce.sh runs everything
+bench: install
+	$(BIN)/hydra-rank bench configs/scenes.yaml --methods lora,hydra --seeds 0,1,2 --output-dir runs/bench/scenes-r4
+
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
