@@ -53,7 +53,7 @@ class DataConfig:
     eval_path: str | None = None  # hf-dataset: optional when train_path holds a DatasetDict with a test split
     image_root: str | None = None  # folder image paths are relative to (default: the data file's folder)
     train_samples: int | None = None  # use a random subset of this size (None: all)
-    eval_samples: int | None = 256  # evaluate on the first N of a fixed shuffle (None: all)
+    eval_samples: int | None = 200  # evaluate on the first N of a fixed shuffle (None: all)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: whatever the chat template does by default
     max_length: int = 256
 
@@ -100,7 +100,7 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 60
+    max_steps: int = 48
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
