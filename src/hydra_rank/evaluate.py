@@ -119,6 +119,26 @@ def evaluate(
     }
 
 
+def evaluate_configured(
+    model: nn.Module,
+    encoder: ChatEncoder,
+    config: RunConfig,
+    train_samples: Sequence[Sample],
+    eval_samples: Sequence[Sample],
+    show_progress: bool = True,
+) -> dict:
+    """`evaluate` with the run's eval settings; the majority baseline comes from the training answers."""
+    return evaluate(
+        model,
+        encoder,
+        eval_samples,
+        majority=majority_answer([s.answer for s in train_samples]),
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        show_progress=show_progress,
+    )
+
+
 def evaluate_saved(config: RunConfig, adapter: Path | None = None, show_progress: bool = True) -> dict:
     """Evaluate the configured model, with a saved PEFT adapter loaded on top when `adapter` is given."""
     from peft import PeftModel
@@ -133,14 +153,6 @@ def evaluate_saved(config: RunConfig, adapter: Path | None = None, show_progress
         model = PeftModel.from_pretrained(model, adapter)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, eval_samples = load_samples(config.data, config.train.seed)
-    results = evaluate(
-        model,
-        encoder,
-        eval_samples,
-        majority=majority_answer([s.answer for s in train_samples]),
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
-        show_progress=show_progress,
-    )
+    results = evaluate_configured(model, encoder, config, train_samples, eval_samples, show_progress)
     results.pop("predictions")
     return {"model": config.model.name_or_path, "adapter": str(adapter) if adapter else None, **results}

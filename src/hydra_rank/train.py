@@ -54,7 +54,7 @@ from .config import RunConfig
 from .data import ChatEncoder, EncodedDataset, collate, load_samples
 from .data.sampler import ResumableSampler
 from .errors import ConfigError, HydraError
-from .evaluate import evaluate, majority_answer, mean_answer_loss
+from .evaluate import evaluate_configured, mean_answer_loss
 from .loop import NonFiniteLoss, WarmupCosine, batches_forever, optimize
 from .loss import answer_loss
 from .models.loading import load_model
@@ -325,15 +325,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
                 model.save_pretrained(staging, safe_serialization=True)
         if final is not None:
             save_allocation(final, targets, out, f"{method} ranks (end)")
-    results = evaluate(
-        model,
-        encoder,
-        eval_samples,
-        majority=majority_answer([s.answer for s in train_samples]),
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
-        show_progress=show,
-    )
+    results = evaluate_configured(model, encoder, config, train_samples, eval_samples, show)
     predictions = results.pop("predictions")
     if final is not None:
         used = final.params(targets)
