@@ -13,13 +13,13 @@ $BENCH configs/scenes.yaml --methods lora,hydra --seeds 0,1,2 --output-dir runs/
 $BENCH configs/scenes.yaml --methods lora,hydra,hydra-static,hydra-coarse,hydra-fine,adalora,full --seeds 0 \
   --output-dir runs/bench/scenes-r4
 # rank sensitivity of uniform LoRA on scenes (alpha = 2 r: the same scale at every rank)
-for rank in 1 8; do
-  $BENCH configs/scenes.yaml --methods lora --seeds 0 --set adapter.rank=$rank --set adapter.alpha=$((2 * rank)) \
-    --output-dir runs/bench/scenes-sensitivity-r$rank
+$BENCH configs/scenes.yaml --methods lora --seeds 0 --set adapter.rank=1 --set adapter.alpha=2 \
+  --output-dir runs/bench/scenes-sensitivity-r1
+# ranks 2 and 8 of the sensitivity check, with HyDRA at those budgets
+for rank in 2 8; do
+  $BENCH configs/scenes.yaml --methods lora,hydra --seeds 0 --set adapter.rank=$rank --set adapter.alpha=$((2 * rank)) \
+    --output-dir runs/bench/scenes-r$rank
 done
-# rank 2 of the sensitivity check, and HyDRA at that lower budget
-$BENCH configs/scenes.yaml --methods lora,hydra --seeds 0 --set adapter.rank=2 --set adapter.alpha=4 \
-  --output-dir runs/bench/scenes-r2
 # secondary tasks: easy-VQA at the budgets of uniform rank 2 and 8, text-only SmolLM2 on generated string tasks
 for rank in 2 8; do
   $BENCH configs/tiny-hydra.yaml --methods lora,hydra --seeds 0 --set adapter.rank=$rank --set adapter.alpha=$((2 * rank)) \
