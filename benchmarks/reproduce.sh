@@ -25,4 +25,4 @@ for rank in 2 8; do
   $BENCH configs/tiny-hydra.yaml --methods lora,hydra --seeds 0 --set adapter.rank=$rank --set adapter.alpha=$((2 * rank)) \
     --output-dir runs/bench/easyvqa-r$rank
 done
-$BENCH configs/text-tasks.yaml --methods lora,hydra --seeds 0 --output-dir runs/bench/text-r4
+$BENCH configs/text-tasks.yaml --methods lora,hydra --seeds 0,1 --output-dir runs/bench/text-r4
