@@ -25,7 +25,7 @@ demo: install
 test: install lint
 	$(BIN)/python -m pytest
 
-# the headline table of BENCHMARKS.md (about an hour on 2 CPU cores); benchmarks/reproduce.sh runs everything
+# the headline table of BENCHMARKS.md (six scenes runs, 60-80 minutes on 2 CPU cores); benchmarks/reproduce.sh runs all
 bench: install
 	$(BIN)/hydra-rank bench configs/scenes.yaml --methods lora,hydra --seeds 0,1,2 --output-dir runs/bench/scenes-r4
 
