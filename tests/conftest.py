@@ -21,7 +21,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from hydra_rank.models.tiny_vlm import IMAGE_TOKEN, image_processor, smollm2_path
+from hydra_rank.builtin import IMAGE_TOKEN, image_processor, smollm2_path
 
 TINY_IMAGE_SIZE = 28  # 2x2 patches of 14 px: 4 image tokens
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}

@@ -9,9 +9,10 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
 from transformers import LlavaForConditionalGeneration
 
-from hydra_rank.adapter import attach_lora, lora_config, pattern_key, trainable_parameters
+from hydra_rank.adapter import attach_lora, lora_config, trainable_parameters
 from hydra_rank.config import AdapterConfig
 from hydra_rank.rank.budget import Allocation, discover_targets
+from hydra_rank.rank.lora import pattern_key
 
 from .conftest import make_tiny_llava
 

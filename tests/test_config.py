@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hydra_rank.config import RunConfig, from_dict, load_config, parse_override
 from hydra_rank.errors import ConfigError
@@ -10,11 +11,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_are_the_demo_configs():
-    """configs/tiny-hydra.yaml spells out the embedded defaults; tiny-lora.yaml differs only in method (and where
-    it writes). They must not drift apart."""
+    """configs/tiny-hydra.yaml spells out every key of the embedded defaults, in order; tiny-lora.yaml differs only in
+    method (and where it writes). They must not drift apart."""
     defaults = RunConfig()
     hydra = load_config(CONFIGS / "tiny-hydra.yaml")
     assert hydra == from_dict({"train": {"output_dir": "runs/tiny-hydra"}})
+    spelled = yaml.safe_load((CONFIGS / "tiny-hydra.yaml").read_text())
+    assert {s: list(keys) for s, keys in spelled.items()} == {s: list(keys) for s, keys in defaults.to_dict().items()}
     assert hydra.adapter.method == defaults.adapter.method == "hydra"
     lora = load_config(CONFIGS / "tiny-lora.yaml")
     assert lora == from_dict({"adapter": {"method": "lora"}, "train": {"output_dir": "runs/tiny-lora"}})

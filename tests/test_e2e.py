@@ -10,11 +10,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from hydra_rank.config import from_dict
+from hydra_rank.builtin import tiny_vlm_path
+from hydra_rank.config import DEFAULT_SYSTEM_PROMPT, from_dict
 from hydra_rank.data import ChatEncoder, collate, easy_vqa
 from hydra_rank.data.sample import Sample
 from hydra_rank.evaluate import mean_answer_loss
-from hydra_rank.models.tiny_vlm import DEFAULT_SYSTEM_PROMPT, tiny_vlm_path
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 

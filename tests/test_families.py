@@ -20,14 +20,15 @@ import transformers as tf
 from peft import PeftModel
 from PIL import Image
 
+from hydra_rank.builtin import smollm2_path
 from hydra_rank.config import ScheduleConfig
 from hydra_rank.data import ChatEncoder, Sample, collate, load_samples
 from hydra_rank.data.records import load_json_samples
 from hydra_rank.errors import ModelLoadError
 from hydra_rank.export import export_run
+from hydra_rank.inputs import load_model
 from hydra_rank.models.arch import arch_spec, decoder_layers, vision_layers
-from hydra_rank.models.loading import load_model, without_video_processor
-from hydra_rank.models.tiny_vlm import smollm2_path
+from hydra_rank.models.loading import without_video_processor
 from hydra_rank.rank.scheduler import decision_steps
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl

@@ -15,7 +15,7 @@ from hydra_rank.data.encode import ChatEncoder, collate
 from hydra_rank.data.sampler import ResumableSampler
 from hydra_rank.errors import ConfigError
 from hydra_rank.hf_trainer import HydraTrainer
-from hydra_rank.models.loading import load_model
+from hydra_rank.inputs import load_model
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 

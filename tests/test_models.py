@@ -5,17 +5,17 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydra_rank.adapter import attach_lora
+from hydra_rank.cache import package_dir
 from hydra_rank.config import AdapterConfig
 from hydra_rank.data.encode import IGNORE_INDEX
 from hydra_rank.errors import ConfigError, ModelLoadError
+from hydra_rank.inputs import load_model
 from hydra_rank.loss import answer_loss
 from hydra_rank.models.arch import decoder_layers, linear_targets
-from hydra_rank.models.loading import load_model
 from hydra_rank.models.vision import (
     ONNX_PACKAGE,
     ONNX_RELATIVE_PATH,
     convert_onnx_vit,
-    package_dir,
     resize_position_embeddings,
 )
 from hydra_rank.rank.budget import Allocation, discover_targets

@@ -9,7 +9,8 @@ from hydra_rank.adapter import attach_lora
 from hydra_rank.config import AdapterConfig
 from hydra_rank.loop import rebind_optimizer
 from hydra_rank.rank.budget import Allocation, discover_targets
-from hydra_rank.rank.resize import ADAPTER, apply_allocation, factorize, lora_layers, resize_layer
+from hydra_rank.rank.lora import ADAPTER, lora_layers
+from hydra_rank.rank.resize import apply_allocation, factorize, resize_layer
 
 from .conftest import make_tiny_llava
 

@@ -10,7 +10,7 @@ from peft import PeftModel
 from hydra_rank.config import from_dict
 from hydra_rank.data import ChatEncoder, collate, load_samples
 from hydra_rank.errors import ConfigError
-from hydra_rank.models.loading import load_model
+from hydra_rank.inputs import load_model
 from hydra_rank.rank.budget import Allocation, discover_targets
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
@@ -128,11 +128,12 @@ def test_hydra_methods_train_within_budget_and_reload(method, tiny_llava_dir, co
 
 
 def test_saved_allocation_is_reused_and_checked(tiny_llava_dir, colour_dataset, tmp_path):
-    from hydra_rank.rank.plan import allocate_for_config
+    from hydra_rank.commands import allocate_for_config
 
     config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=1)
     config.adapter.calibration_batches = 1
     allocation, _ = allocate_for_config(config, tmp_path / "alloc", show_progress=False)
+    assert allocation.info["method"] == "hydra" and len(set(allocation.ranks.values())) > 1  # a lora config: HyDRA's
     config.adapter.method = "hydra-static"
     config.adapter.allocation_path = str(tmp_path / "alloc" / "allocation.json")
     result = run(config, show_progress=False)

@@ -19,8 +19,8 @@ _EXPORTS = {
     "load_config": "hydra_rank.config",
     "run": "hydra_rank.train",
     "RunResult": "hydra_rank.train",
-    "load_model": "hydra_rank.models.loading",
-    "evaluate_saved": "hydra_rank.evaluate",
+    "load_model": "hydra_rank.inputs",
+    "evaluate_saved": "hydra_rank.commands",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -1,46 +1,90 @@
-"""Attach LoRA adapters through PEFT, one rank per module, as a stock PEFT configuration.
+"""What a method trains, made trainable (`methods.Trainable`): LoRA of allocated ranks, PEFT AdaLoRA, or the
+language model itself. `adapt` is the one entry point, used by the built-in loop and by `HydraTrainer` alike.
 
-Targets are full module names (e.g. `model.language_model.layers.3.mlp.up_proj`), never short names, so nothing in
-the vision tower is touched by accident. Per-module ranks go into PEFT's own `rank_pattern`/`alpha_pattern`, so the
-saved adapter loads with `PeftModel.from_pretrained` and nothing of ours.
-
-PEFT looks a module up in those patterns with `re.match(rf"(.*\\.)?({key})$", module_name)`: keys are regular
-expressions matched as dotted suffixes. A plain full name would be a suffix pattern whose dots match any character; we
-use `^` + the escaped full name, which can only ever match that one module (tested against every module name).
-
-Scale convention: every module's update is scaled by alpha/r0 whatever its rank (alpha_m = alpha/r0 · r_m). A module
-keeping rank r0 behaves exactly as in uniform LoRA, and when HyDRA changes a rank the existing directions keep their
-scale, so ΔW is unchanged by a resize.
+LoRA goes through PEFT as a stock configuration: targets are full module names (e.g.
+`model.language_model.layers.3.mlp.up_proj`), never short names, so nothing in the vision tower is touched by
+accident, and per-module ranks go into PEFT's own `rank_pattern`/`alpha_pattern` (`rank/lora.py`, which also holds
+the scale convention), so the saved adapter loads with `PeftModel.from_pretrained` and nothing of ours.
 """
 
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import AdapterConfig
-from .rank.budget import Allocation
+from .loss import answer_loss
+from .methods import Trainable
+from .models.arch import decoder_layers
+from .rank.budget import Allocation, Budget, Target
+from .rank.lora import lora_patterns
+from .rank.plan import initial_allocation, make_budget
+from .utils import unwrap_optimizer
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig, RunConfig
+    from .rank.signals import ModuleSpectrum
 
 
-def pattern_key(module_name: str) -> str:
-    """A PEFT `rank_pattern`/`alpha_pattern` key that matches exactly `module_name`."""
-    return "^" + re.escape(module_name)
+@dataclass
+class Adapted:
+    """The model made trainable by the configured method, and what a run needs to know about it."""
+
+    model: nn.Module
+    budget: Budget
+    allocation: Allocation | None  # None for methods that are not an allocation of LoRA ranks (adalora, full)
+    spectra: dict[str, ModuleSpectrum] | None = None  # calibration spectra, when the start was calibrated
+    hook: Any = None  # an extra loop hook (AdaLoRA's schedule)
+    loss_fn: Callable = answer_loss
+    used_params: Callable[[nn.Module], int] | None = None  # parameters in use when there is no allocation to count
+
+
+def adapt(
+    config: RunConfig,
+    model: nn.Module,
+    targets: list[Target],
+    batches: list[dict[str, torch.Tensor]],
+    show_progress: bool,
+    ranks: dict[str, int] | None = None,
+) -> Adapted:
+    """Make `model` trainable as `config.adapter.method` says. `batches` are the calibration batches (empty when the
+    method does not calibrate); `ranks` (a resumed run's current ranks) replace the starting allocation."""
+    torch.manual_seed(config.train.seed)  # adapter initialisation depends on the seed alone, not on what loading drew
+    budget = make_budget(config.adapter, targets)
+    trainable = config.adapter.spec.trainable
+    if trainable is Trainable.FULL:
+        train_language_model(model)
+        return Adapted(model, budget, None, used_params=trainable_parameters)
+    if trainable is Trainable.ADALORA:
+        adalora = attach_adalora(model, config.adapter, [t.name for t in targets], config.train.max_steps)
+        used = partial(adalora_effective_params, targets=targets)
+        return Adapted(
+            adalora, budget, None, hook=AdaLoraSchedule(adalora), loss_fn=loss_with_orthogonality, used_params=used
+        )
+    if ranks is not None:
+        allocation = Allocation(dict(ranks), budget.total, {"method": config.adapter.method, "resumed": True})
+        spectra = None
+    else:
+        allocation, spectra = initial_allocation(config, model, targets, budget, batches, show_progress)
+    return Adapted(attach_lora(model, config.adapter, allocation), budget, allocation, spectra)
 
 
 def lora_config(config: AdapterConfig, allocation: Allocation) -> LoraConfig:
     """Uniform LoRA at r0 is a plain config; any other allocation lists every module in the patterns."""
-    scale = config.alpha / config.rank
     ranks = allocation.ranks
-    patterns = {} if all(rank == config.rank for rank in ranks.values()) else ranks
+    uniform = all(rank == config.rank for rank in ranks.values())
+    rank_pattern, alpha_pattern = lora_patterns({} if uniform else ranks, config.alpha, config.rank)
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        rank_pattern={pattern_key(name): rank for name, rank in patterns.items()},
-        alpha_pattern={pattern_key(name): scale * rank for name, rank in patterns.items()},
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         lora_dropout=config.dropout,
         target_modules=list(ranks),
         bias="none",
@@ -82,6 +126,12 @@ def attach_adalora(model: nn.Module, config: AdapterConfig, targets: list[str], 
 ADALORA_ORTH_WEIGHT = 0.5  # PEFT's default
 
 
+def loss_with_orthogonality(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The answer loss plus AdaLoRA's orthogonality regulariser, at PEFT's default weight."""
+    loss, tokens = answer_loss(model, batch)
+    return loss + ADALORA_ORTH_WEIGHT * adalora_orthogonality(model), tokens
+
+
 def adalora_orthogonality(model: nn.Module) -> torch.Tensor:
     """AdaLoRA's regulariser: mean ‖PPᵀ − I‖_F over its P (lora_A) and Q (lora_B) factors. PEFT adds it only when the
     model computes the loss from labels; our loss is computed outside the model, so we add it ourselves."""
@@ -93,7 +143,7 @@ def adalora_orthogonality(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def adalora_effective_params(model: PeftModel, targets: list) -> int:
+def adalora_effective_params(model: PeftModel, targets: list[Target]) -> int:
     """Parameters AdaLoRA actually uses: per module, (kept singular values) x (d_in + d_out + 1)."""
     pattern = model.peft_config["default"].rank_pattern or {}  # "<module name>.lora_E" -> kept-or-not per rank
     init_r = model.peft_config["default"].init_r
@@ -113,7 +163,7 @@ class AdaLoraSchedule:
         self.global_step = 0
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        getattr(optimizer, "optimizer", optimizer).register_step_post_hook(self._after_step)
+        unwrap_optimizer(optimizer).register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self.global_step += 1
@@ -126,11 +176,17 @@ class AdaLoraSchedule:
         return False
 
 
+def train_language_model(model: nn.Module) -> None:
+    """Full fine-tuning: only the language model's parameters train."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in language_model_parameters(model):
+        parameter.requires_grad_(True)
+
+
 def language_model_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Everything full fine-tuning trains: the language model (embeddings, decoder layers, norm) and its output head
     (tied to the embeddings in SmolLM2). The vision tower and projector stay frozen."""
-    from .models.arch import decoder_layers
-
     path, _ = decoder_layers(model)
     language = model.get_submodule(path.rsplit(".", 1)[0])
     head = model.get_output_embeddings()

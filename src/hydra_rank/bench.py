@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig, from_dict
+from .methods import REFERENCE_METHOD
 from .report import plot_loss_curves
 from .runner import run_isolated
 from .utils import atomic_write_text, read_jsonl, write_json
@@ -54,7 +55,7 @@ def method_config(base: RunConfig, method: str, seed: int, run_dir: Path) -> Run
 
 
 def run_bench(
-    base: RunConfig, methods: list[str], seeds: list[int], output_dir: Path, reference: str = "lora"
+    base: RunConfig, methods: list[str], seeds: list[int], output_dir: Path, reference: str = REFERENCE_METHOD
 ) -> BenchResult:
     rows = []
     for seed in seeds:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .utils import atomic_directory
+from .utils import atomic_directory, unwrap_optimizer
 
 STATE = "state.pt"
 COMPLETE = "COMPLETE"
@@ -60,7 +60,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `run_dir/checkpoints/step-{step}` atomically and prune all but the newest `keep` complete ones."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    base = getattr(optimizer, "optimizer", optimizer)
+    base = unwrap_optimizer(optimizer)
     state = {
         "step": step,
         "trainable": {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad},

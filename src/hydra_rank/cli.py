@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from .errors import ConfigError, HydraError
+from .methods import DEMO_METHODS, METHODS, REFERENCE_METHOD, describe_methods
 from .utils import console
 
 # Results go to stdout (wide enough for the table when piped to a file); progress and messages go to stderr.
@@ -105,7 +106,7 @@ def eval_(
 ) -> None:
     """Evaluate a base model or a saved adapter: exact-match accuracy, eval loss, majority baseline."""
     with _user_errors():
-        from .evaluate import evaluate_saved
+        from .commands import evaluate_saved
 
         run_dir = target if target.is_dir() else None
         cfg = _config(run_dir / "config.yaml" if run_dir else target, set_)
@@ -133,7 +134,7 @@ def demo(
 
         started = time.perf_counter()
         runs, rows = {}, []
-        for method in ("lora", "hydra"):
+        for method in DEMO_METHODS:
             cfg = _config(
                 None,
                 [f"adapter.method={method}"],
@@ -176,7 +177,7 @@ def allocate(
     Train with it later via `--set adapter.allocation_path=DIR/allocation.json`.
     """
     with _user_errors():
-        from .rank.plan import allocate_for_config
+        from .commands import allocate_for_config
 
         allocation, targets = allocate_for_config(_config(config, set_), output_dir)
         _print_allocation(allocation, targets)
@@ -197,21 +198,23 @@ def export(
         console.print(f"merge check: largest logit difference {result['max_logit_diff']:.2e}")
 
 
-@app.command()
+@app.command(
+    help="Run every method x seed on the same model, data order, steps, schedule and budget, one after another, and "
+    "write results.json, a mean ± std markdown table (with per-seed differences against "
+    f"{REFERENCE_METHOD}) and plots. Finished runs with an identical config are reused.\n\n"
+    f"Methods:\n\n{describe_methods()}"
+)
 def bench(
     config: Annotated[Path, typer.Argument(help="Base YAML configuration shared by every run.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "lora,hydra",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods (listed below).")] = ",".join(DEMO_METHODS),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (the same seeds for every method).")] = "0,1,2",
     output_dir: Annotated[Path, typer.Option(help="Benchmark folder (runs, results.json, results.md, plots).")] = Path(
         "runs/bench"
     ),
     set_: SetOption = None,
 ) -> None:
-    """Run every method x seed on the same model, data order, steps, schedule and budget, one after another, and
-    write results.json, a mean ± std markdown table and plots. Finished runs with an identical config are reused."""
     with _user_errors():
         from .bench import run_bench
-        from .config import METHODS
 
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
         unknown = sorted(set(chosen) - set(METHODS))
@@ -224,6 +227,19 @@ def bench(
         result = run_bench(_config(config, set_), chosen, seed_list, output_dir)
         stdout.print(result.table)
         console.print(f"results in {output_dir}/results.json, results.md and plots")
+
+
+@app.command()
+def methods() -> None:
+    """List the fine-tuning methods (the config key adapter.method) and what each one does."""
+    from rich.table import Table
+
+    table = Table(title="methods (adapter.method)")
+    for column in ("method", "what it does", "ranks start from"):
+        table.add_column(column)
+    for method in METHODS.values():
+        table.add_row(method.name, method.summary, method.start.value if method.start is not None else "-")
+    stdout.print(table)
 
 
 @app.command("make-scenes")
@@ -243,7 +259,8 @@ def make_scenes(
 def prepare() -> None:
     """Build the built-in models into the cache now (they are otherwise built on first use)."""
     with _user_errors():
-        from .models.tiny_vlm import cache_root, smollm2_path, tiny_vlm_path
+        from .builtin import smollm2_path, tiny_vlm_path
+        from .cache import cache_root
 
         started = time.perf_counter()
         console.print(f"cache: {cache_root()}")

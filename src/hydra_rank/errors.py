@@ -19,3 +19,8 @@ class DataError(HydraError):
 
 class ModelLoadError(HydraError):
     """The model cannot be found, loaded or adapted."""
+
+
+class InvariantError(RuntimeError):
+    """An internal invariant broke (e.g. the parameter budget was exceeded): a bug in hydra-rank, not an input error.
+    Raised explicitly rather than asserted, so `python -O` cannot skip the check."""

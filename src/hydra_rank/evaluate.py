@@ -11,17 +11,18 @@ import re
 import string
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .config import RunConfig
 from .data.encode import ChatEncoder, Encoded, collate
-from .data.sample import Sample
-from .errors import ModelLoadError
 from .loss import answer_loss
 from .utils import progress_bar
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .data.sample import Sample
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -137,22 +138,3 @@ def evaluate_configured(
         max_new_tokens=config.eval.max_new_tokens,
         show_progress=show_progress,
     )
-
-
-def evaluate_saved(config: RunConfig, adapter: Path | None = None, show_progress: bool = True) -> dict:
-    """Evaluate the configured model, with a saved PEFT adapter loaded on top when `adapter` is given."""
-    from peft import PeftModel
-
-    from .data import load_samples
-    from .models.loading import load_model
-
-    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
-    if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
-    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
-    train_samples, eval_samples = load_samples(config.data, config.train.seed)
-    results = evaluate_configured(model, encoder, config, train_samples, eval_samples, show_progress)
-    results.pop("predictions")
-    return {"model": config.model.name_or_path, "adapter": str(adapter) if adapter else None, **results}

@@ -14,9 +14,9 @@ import torch
 from peft import PeftModel
 
 from .config import load_config
-from .data import ChatEncoder, collate, load_samples
+from .data import collate
 from .errors import ConfigError
-from .models.loading import load_model
+from .inputs import load_inputs
 from .utils import atomic_directory
 
 
@@ -25,13 +25,10 @@ def export_run(run_dir: Path, output_dir: Path) -> dict:
     adapter = run_dir / "adapter"
     if not (run_dir / "config.yaml").is_file() or not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{run_dir} is not a finished run directory (needs config.yaml and adapter/)")
-    config = load_config(run_dir / "config.yaml")
-    base, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
-    model = PeftModel.from_pretrained(base, adapter).eval()
-
-    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
-    _, samples = load_samples(config.data, config.train.seed)
-    probe = collate([encoder.encode(s) for s in samples[:4]], encoder.pad_token_id)
+    inputs = load_inputs(load_config(run_dir / "config.yaml"))
+    model = PeftModel.from_pretrained(inputs.model, adapter).eval()
+    encoder, processor = inputs.encoder, inputs.processor
+    probe = collate([encoder.encode(s) for s in inputs.eval_samples[:4]], encoder.pad_token_id)
     probe.pop("labels")
     with torch.no_grad():
         expected = model(**probe).logits

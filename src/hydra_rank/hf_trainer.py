@@ -32,15 +32,18 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
+from .adapter import Adapted, adapt
 from .config import AdapterConfig, RunConfig, ScheduleConfig, TrainConfig, validate
 from .errors import ConfigError, HydraError
 from .loop import rebind_optimizer
-from .rank.budget import discover_targets
-from .rank.plan import calibration_indices, needs_calibration, save_allocation
+from .methods import METHODS, get_method
+from .rank.budget import Target, discover_targets
+from .rank.plan import calibration_batch_count, calibration_indices
 from .rank.scheduler import HydraScheduler
-from .train import adapt
+from .report import save_allocation
+from .utils import unwrap_optimizer
 
-TRAINER_METHODS = ("hydra", "lora", "hydra-static", "hydra-coarse", "hydra-fine", "control-shuffled", "control-prior")
+TRAINER_METHODS = tuple(name for name, method in METHODS.items() if method.in_trainer)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class RampedLambda:
 class HydraCallback(TrainerCallback):
     """Runs the HyDRA scheduler inside `Trainer.train` (added by `HydraTrainer`; see the module docstring)."""
 
-    def __init__(self, config: RunConfig, adapted, targets: list, history_dir: Path | None) -> None:
+    def __init__(self, config: RunConfig, adapted: Adapted, targets: list[Target], history_dir: Path | None) -> None:
         self.config, self.adapted, self.targets, self.history_dir = config, adapted, targets, history_dir
         self.scheduler: HydraScheduler | None = None
         self.step_loss = 0.0
@@ -68,14 +71,15 @@ class HydraCallback(TrainerCallback):
         self.base_lr = 0.0
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        if self.config.adapter.method != "hydra":
+        if not self.config.adapter.spec.dynamic:
             return
         if state.global_step > 0:
             raise HydraError(
-                "resuming a Trainer checkpoint is not supported with method hydra: the adapter shapes changed after "
-                "it was saved; start again, or use `hydra-rank train --resume`, which restores ranks exactly"
+                f"resuming a Trainer checkpoint is not supported with method {self.config.adapter.method}: the "
+                "adapter shapes changed after it was saved; start again, or use `hydra-rank train --resume`, which "
+                "restores ranks exactly"
             )
-        schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # unwrap Accelerate's AcceleratedScheduler
+        schedule = _unwrap_scheduler(lr_scheduler)
         if not isinstance(schedule, LambdaLR):
             raise ConfigError(
                 f"HydraTrainer needs a LambdaLR-based learning-rate schedule to give resized parameters their ramp, "
@@ -89,6 +93,7 @@ class HydraCallback(TrainerCallback):
             self.adapted.allocation,
             self.config.schedule,
             state.max_steps,
+            mode=self.config.adapter.spec.mode,
             seed=self.config.train.seed,
             history_path=None if self.history_dir is None else self.history_dir / "allocation_history.jsonl",
             initial_spectra=self.adapted.spectra,
@@ -104,20 +109,23 @@ class HydraCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if self.scheduler is None:
             return
-        step = state.global_step
-        if self.scheduler.step_end(step, {"loss": self.step_loss}):
-            schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)
-            groups = getattr(optimizer, "optimizer", optimizer).param_groups
-            known = {id(g): (fn, lr) for g, fn, lr in zip(groups, schedule.lr_lambdas, schedule.base_lrs, strict=True)}
-            rebind_optimizer(optimizer, model, step)
-            ramp = self.config.schedule.resize_warmup_steps
-            pairs = [known.get(id(g), (RampedLambda(self.shape, step, ramp), self.base_lr)) for g in groups]
-            schedule.lr_lambdas = [fn for fn, _ in pairs]
-            schedule.base_lrs = [lr for _, lr in pairs]
-            for group, (fn, lr) in zip(groups, pairs, strict=True):  # the scheduler already stepped for this step
-                group.setdefault("initial_lr", lr)
-                group["lr"] = lr * fn(schedule.last_epoch)
-            schedule._last_lr = [group["lr"] for group in groups]
+        if self.scheduler.step_end(state.global_step, {"loss": self.step_loss}):
+            self._rebind(model, optimizer, _unwrap_scheduler(lr_scheduler), state.global_step)
+
+    def _rebind(self, model: torch.nn.Module, optimizer: Any, schedule: LambdaLR, step: int) -> None:
+        """After a resize: the optimizer follows the new parameters, and the LR schedule gets a factor for every new
+        param group (the Trainer's own shape times the resize ramp); surviving groups keep theirs."""
+        groups = unwrap_optimizer(optimizer).param_groups
+        known = {id(g): (fn, lr) for g, fn, lr in zip(groups, schedule.lr_lambdas, schedule.base_lrs, strict=True)}
+        rebind_optimizer(optimizer, model, step)
+        ramp = self.config.schedule.resize_warmup_steps
+        pairs = [known.get(id(g), (RampedLambda(self.shape, step, ramp), self.base_lr)) for g in groups]
+        schedule.lr_lambdas = [fn for fn, _ in pairs]
+        schedule.base_lrs = [lr for _, lr in pairs]
+        for group, (fn, lr) in zip(groups, pairs, strict=True):  # the scheduler already stepped for this step
+            group.setdefault("initial_lr", lr)
+            group["lr"] = lr * fn(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in groups]
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.scheduler is not None:
@@ -144,7 +152,7 @@ class HydraTrainerMixin:
         super().__init__(*args, **kwargs)
         training = self.args
         adapter = hydra_adapter or AdapterConfig()
-        if adapter.method not in TRAINER_METHODS:
+        if not get_method(adapter.method).in_trainer:
             raise ConfigError(
                 f"HydraTrainer runs the LoRA-rank methods {TRAINER_METHODS}, got {adapter.method!r}; for AdaLoRA or "
                 f"full fine-tuning use PEFT's AdaLoraConfig or a plain Trainer"
@@ -163,8 +171,8 @@ class HydraTrainerMixin:
             RunConfig(adapter=adapter, schedule=hydra_schedule or ScheduleConfig(), train=train)
         )
         targets = discover_targets(self.model, adapter.target_modules, adapter.towers)
-        count = adapter.calibration_batches if needs_calibration(self.hydra_config) else 0
-        adapted = adapt(self.hydra_config, self.model, targets, self._calibration_batches(count), show_progress=False)
+        batches = self._calibration_batches(calibration_batch_count(self.hydra_config))
+        adapted = adapt(self.hydra_config, self.model, targets, batches, show_progress=False)
         self.model = self.model_wrapped = adapted.model
         history_dir = Path(training.output_dir) if self.is_world_process_zero() else None
         if history_dir is not None:
@@ -193,6 +201,11 @@ class HydraTrainerMixin:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.hydra.step_loss += float(loss)  # what the Trainer reports for the step, kept in the allocation history
         return loss
+
+
+def _unwrap_scheduler(lr_scheduler: Any) -> Any:
+    """The torch LR scheduler inside Accelerate's `AcceleratedScheduler` (or `lr_scheduler` itself)."""
+    return getattr(lr_scheduler, "scheduler", lr_scheduler)
 
 
 def with_hydra(trainer_class: type[Trainer]) -> type[Trainer]:

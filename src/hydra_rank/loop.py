@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .loss import answer_loss
-from .utils import progress_bar
+from .utils import progress_bar, unwrap_optimizer
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -69,7 +69,7 @@ class WarmupCosine:
 def rebind_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, step: int) -> None:
     """Point the optimizer at the model's current trainable parameters: drop the state of parameters that are gone,
     keep the state of those that stayed, and add new ones as a param group born at `step` (fresh Adam moments)."""
-    base = getattr(optimizer, "optimizer", optimizer)  # unwrap Accelerate's AcceleratedOptimizer
+    base = unwrap_optimizer(optimizer)
     live = [p for p in model.parameters() if p.requires_grad]
     live_ids = {id(p) for p in live}
     known: set[int] = set()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.encode import IGNORE_INDEX
+IGNORE_INDEX = -100  # the label of tokens that are not predicted (prompt, image, padding); the data encoder writes it
 
 
 def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

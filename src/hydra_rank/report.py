@@ -6,6 +6,7 @@ import html
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -15,6 +16,9 @@ import matplotlib.pyplot as plt
 from rich.table import Table
 
 from .utils import atomic_write_text, read_jsonl
+
+if TYPE_CHECKING:
+    from .rank.budget import Allocation, Target
 
 # (metrics key, column title, format)
 COLUMNS = (
@@ -174,7 +178,15 @@ img{{max-width:36em}}</style></head>
     return path
 
 
-def plot_allocation(ranks: dict[str, int], targets: list, path: Path, title: str = "rank allocation") -> None:
+def save_allocation(
+    allocation: Allocation, targets: list[Target], directory: Path, title: str, name: str = "allocation"
+) -> None:
+    """`NAME.json` and its layer x module heatmap `NAME.png`."""
+    atomic_write_text(directory / f"{name}.json", allocation.to_json())
+    plot_allocation(allocation.ranks, targets, directory / f"{name}.png", title)
+
+
+def plot_allocation(ranks: dict[str, int], targets: list[Target], path: Path, title: str = "rank allocation") -> None:
     """Layer x module-kind heatmap of ranks, each cell annotated with its rank."""
     kinds = list(dict.fromkeys(t.kind for t in targets))
     layers = list(dict.fromkeys((t.tower, t.layer) for t in targets))

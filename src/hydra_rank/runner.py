@@ -10,10 +10,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import RunConfig
 from .errors import HydraError
 from .utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 def run_isolated(config: RunConfig, config_path: Path) -> dict:

@@ -19,10 +19,9 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -31,16 +30,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .adapter import (
-    ADALORA_ORTH_WEIGHT,
-    AdaLoraSchedule,
-    adalora_effective_params,
-    adalora_orthogonality,
-    attach_adalora,
-    attach_lora,
-    language_model_parameters,
-    trainable_parameters,
-)
+from .adapter import Adapted, adapt, trainable_parameters
 from .checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
@@ -50,19 +40,57 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import RunConfig
-from .data import ChatEncoder, EncodedDataset, collate, load_samples
+from .data import EncodedDataset, collate
 from .data.sampler import ResumableSampler
 from .errors import ConfigError, HydraError
 from .evaluate import evaluate_configured, mean_answer_loss
-from .loop import NonFiniteLoss, WarmupCosine, batches_forever, optimize
-from .loss import answer_loss
-from .models.loading import load_model
-from .rank.budget import Allocation, Budget, Target, discover_targets
-from .rank.plan import calibration_batches, initial_allocation, make_budget, needs_calibration, save_allocation
+from .inputs import RunInputs, load_inputs
+from .loop import NonFiniteLoss, StepHooks, WarmupCosine, batches_forever, optimize
+from .rank.plan import calibration_batch_count, calibration_batches
 from .rank.scheduler import HydraScheduler
-from .report import write_report
+from .report import save_allocation, write_report
 from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .rank.budget import Allocation
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its metrics (also in `output_dir/metrics.json`) and the trained model (a PeftModel, or
+    the base model itself for full fine-tuning)."""
+
+    metrics: dict[str, Any]
+    model: nn.Module
+    output_dir: Path
+
+
+def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> RunResult:
+    """Train and evaluate as `config` says; writes everything listed in this module's docstring. With `resume`,
+    continue from the newest complete checkpoint in the output directory, exactly as if never interrupted."""
+    started = time.perf_counter()
+    accelerator, state = open_run(config, overwrite, resume)
+    session = set_up(config, accelerator, state, show_progress and accelerator.is_main_process)
+    hooks = step_hooks(session)
+    train_seconds = train_steps(session, hooks)
+    return finish(session, hooks, train_seconds, started)
+
+
+# ---- stage 1: start or resume --------------------------------------------------------------------------------------
+def open_run(config: RunConfig, overwrite: bool, resume: bool) -> tuple[Accelerator, dict[str, Any] | None]:
+    """The run's Accelerator and, when resuming, the checkpoint state to continue from. A fresh run gets a clean
+    output directory holding its config.yaml."""
+    out = Path(config.train.output_dir)
+    state = resumable_state(config, out) if resume else None
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
+    if state is None and accelerator.is_main_process:
+        prepare_output_dir(out, overwrite)
+        atomic_write_text(out / "config.yaml", config.to_yaml())
+    accelerator.wait_for_everyone()
+    set_seed(config.train.seed)
+    accelerator.init_trackers("tensorboard")
+    return accelerator, state
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> Path:
@@ -82,14 +110,190 @@ def prepare_output_dir(path: Path, overwrite: bool) -> Path:
     return path
 
 
-@dataclass
-class RunResult:
-    """What a run produced: its metrics (also in `output_dir/metrics.json`) and the trained model (a PeftModel, or
-    the base model itself for full fine-tuning)."""
+def resumable_state(config: RunConfig, out: Path) -> dict[str, Any]:
+    """The newest complete checkpoint of the run in `out`, after checking it was made by this very configuration."""
+    blocker = config.adapter.spec.resume_blocker
+    if blocker:
+        raise ConfigError(f"--resume is not supported for {config.adapter.method} ({blocker})")
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
+    if saved.read_text() != config.to_yaml():
+        old, new = yaml.safe_load(saved.read_text()), config.to_dict()
+        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+        raise ConfigError(
+            f"the configuration differs from the run's {saved} in {changed}; resume with the same config"
+        )
+    return load_checkpoint(latest_checkpoint(out))
 
-    metrics: dict[str, Any]
-    model: nn.Module
-    output_dir: Path
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the optimisation (re)starts: a fresh run at step 1, a resumed one after its checkpoint's step."""
+
+    resumed_from: int | None = None  # the checkpoint's step
+    consumed_batches: int = 0  # per process
+    train_seconds: float = 0.0
+    max_trainable: int | None = None
+    rng: dict[str, Any] | None = None  # the RNG states to continue with
+    scheduler: dict[str, Any] | None = None  # the HyDRA scheduler's state
+
+    @property
+    def first_step(self) -> int:
+        return (self.resumed_from or 0) + 1
+
+    @classmethod
+    def of(cls, state: dict[str, Any] | None) -> Progress:
+        if state is None:
+            return cls()
+        keys = ("step", "consumed_batches", "train_seconds", "max_trainable", "rng", "scheduler")
+        return cls(*(state[key] for key in keys))
+
+
+# ---- stage 2: model, adapters, optimizer and data ------------------------------------------------------------------
+@dataclass
+class Session:
+    """Everything a run set up, handed from stage to stage."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    inputs: RunInputs
+    adapted: Adapted
+    model: nn.Module  # as prepared by Accelerate
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    progress: Progress
+    show: bool
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.train.output_dir)
+
+    @property
+    def method(self) -> str:
+        return self.config.adapter.method
+
+
+def set_up(config: RunConfig, accelerator: Accelerator, state: dict[str, Any] | None, show: bool) -> Session:
+    """Load model and data, make the method's parameters trainable (a resumed run: at its saved ranks and values),
+    build the optimizer and the data stream, and let Accelerate prepare them."""
+    t = config.train
+    inputs = load_inputs(config)
+    inputs.model.to(accelerator.device)
+    if state is None:
+        adapted, optimizer = _fresh_start(config, inputs, accelerator, show)
+    else:
+        adapted, optimizer = _resumed_start(config, inputs, state, show)
+    progress = Progress.of(state)
+    start = progress.consumed_batches * t.batch_size * accelerator.num_processes
+    prepared, optimizer, loader = accelerator.prepare(
+        adapted.model, optimizer, _loader(inputs, t.batch_size, t.seed, start)
+    )
+    return Session(config, accelerator, inputs, adapted, prepared, optimizer, loader, progress, show)
+
+
+def _fresh_start(
+    config: RunConfig, inputs: RunInputs, accelerator: Accelerator, show: bool
+) -> tuple[Adapted, torch.optim.Optimizer]:
+    """Calibrate if the method needs it, adapt, and a new AdamW; a dynamic method's starting ranks are saved."""
+    t = config.train
+    count = calibration_batch_count(config)
+    batches = calibration_batches(
+        inputs.train_samples, inputs.encoder, t.batch_size, count, t.seed, accelerator.device
+    )
+    adapted = adapt(config, inputs.model, inputs.targets, batches, show)
+    trainable = [p for p in adapted.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    if accelerator.is_main_process and config.adapter.spec.dynamic:
+        title = f"{config.adapter.method} ranks (start)"
+        save_allocation(adapted.allocation, inputs.targets, Path(t.output_dir), title, name="allocation_start")
+    return adapted, optimizer
+
+
+def _resumed_start(
+    config: RunConfig, inputs: RunInputs, state: dict[str, Any], show: bool
+) -> tuple[Adapted, torch.optim.Optimizer]:
+    """Adapt at the checkpoint's ranks, restore its trainable values and optimizer, and cut the log back to it."""
+    t = config.train
+    adapted = adapt(config, inputs.model, inputs.targets, [], show, ranks=state.get("ranks"))
+    restore_trainable(adapted.model, state)
+    optimizer = restore_optimizer(adapted.model, t.lr, t.weight_decay, state)
+    _truncate_log(Path(t.output_dir) / "log.jsonl", state["step"])
+    return adapted, optimizer
+
+
+def _loader(inputs: RunInputs, batch_size: int, seed: int, start: int) -> DataLoader:
+    """Training batches in the seeded order of `data/sampler.py`, from sample `start` on (a resumed run)."""
+    return DataLoader(
+        EncodedDataset(inputs.train_samples, inputs.encoder),
+        batch_size=batch_size,
+        sampler=ResumableSampler(len(inputs.train_samples), seed, start=start),
+        collate_fn=functools.partial(collate, pad_token_id=inputs.encoder.pad_token_id),
+    )
+
+
+# ---- stage 3: what runs at every step ------------------------------------------------------------------------------
+@dataclass
+class Hooks:
+    """The loop hooks of a run, in the order they are called."""
+
+    scheduler: HydraScheduler | None  # dynamic methods
+    logger: StepLogger
+    checkpointer: Checkpointer
+    extra: StepHooks | None = None  # the method's own (AdaLoRA's schedule)
+
+    def all(self) -> tuple[StepHooks, ...]:
+        return tuple(h for h in (self.scheduler, self.extra, self.logger, self.checkpointer) if h is not None)
+
+
+def current_allocation(scheduler: HydraScheduler | None, adapted: Adapted) -> Allocation | None:
+    """The ranks the adapters have now: the scheduler's for a dynamic method, else the starting ones."""
+    return scheduler.allocation if scheduler is not None else adapted.allocation
+
+
+def step_hooks(session: Session) -> Hooks:
+    """The HyDRA scheduler (dynamic methods), the method's own hook, the step logger and the checkpointer, bound to
+    the optimizer; a resumed run's scheduler continues from its saved state."""
+    config, accelerator = session.config, session.accelerator
+    scheduler = _scheduler(session) if config.adapter.spec.dynamic else None
+    if scheduler is not None and session.progress.scheduler is not None:
+        scheduler.load_state_dict(session.progress.scheduler)
+    extra = session.adapted.hook
+    for hook in (scheduler, extra):
+        if hook is not None:
+            hook.bind(session.optimizer)
+    eval_items = (
+        [session.inputs.encoder.encode(s) for s in session.inputs.eval_samples] if config.train.eval_every else []
+    )
+    log = JsonlWriter(session.out / "log.jsonl") if accelerator.is_main_process else None
+    logger = StepLogger(
+        config,
+        accelerator.unwrap_model(session.model),
+        accelerator,
+        log,
+        eval_items,
+        session.inputs.encoder.pad_token_id,
+    )
+    if session.progress.max_trainable is not None:
+        logger.max_trainable = session.progress.max_trainable
+    return Hooks(scheduler, logger, Checkpointer(session, logger, scheduler), extra)
+
+
+def _scheduler(session: Session) -> HydraScheduler:
+    t, main = session.config.train, session.accelerator.is_main_process
+    return HydraScheduler(
+        session.accelerator.unwrap_model(session.model),
+        session.inputs.targets,
+        session.adapted.budget,
+        session.adapted.allocation,
+        session.config.schedule,
+        t.max_steps,
+        mode=session.config.adapter.spec.mode,
+        seed=t.seed,
+        history_path=session.out / "allocation_history.jsonl" if main else None,
+        initial_spectra=session.adapted.spectra,
+        debug_checks=t.debug_checks,
+    )
 
 
 class StepLogger:
@@ -118,252 +322,152 @@ class StepLogger:
         self.accelerator.log(scalars, step=step)
         return False
 
-
-@dataclass
-class Adapted:
-    """The model made trainable by the configured method, and what the run needs to know about it."""
-
-    model: nn.Module
-    budget: Budget
-    allocation: Allocation | None  # None for methods that are not an allocation of LoRA ranks (adalora, full)
-    spectra: dict | None = None
-    hook: Any = None  # an extra loop hook (adalora's schedule)
-    loss_fn: Callable = answer_loss
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
-def adapt(
-    config: RunConfig,
-    model: nn.Module,
-    targets: list[Target],
-    batches: list,
-    show_progress: bool,
-    ranks: dict[str, int] | None = None,
-) -> Adapted:
-    """Apply `config.adapter.method` to `model`: LoRA of allocated ranks (lora, hydra*), AdaLoRA, or full FT.
+class Checkpointer:
+    """Loop hook: every `train.checkpoint_every` steps, everything needed to continue exactly (see checkpoint.py).
+    It also keeps the run's training clock, which a resumed run continues."""
 
-    `ranks` (a resumed run's current ranks) replaces the starting allocation, so no calibration runs again."""
-    method = config.adapter.method
-    torch.manual_seed(config.train.seed)  # adapter initialisation depends on the seed alone, not on what loading drew
-    if method == "full":
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        for parameter in language_model_parameters(model):
-            parameter.requires_grad_(True)
-        return Adapted(model, make_budget(config.adapter, targets), None)
-    if method == "adalora":
-        adalora = attach_adalora(model, config.adapter, [t.name for t in targets], config.train.max_steps)
-        schedule = AdaLoraSchedule(adalora)
+    def __init__(self, session: Session, logger: StepLogger, scheduler: HydraScheduler | None) -> None:
+        self.session, self.logger, self.scheduler = session, logger, scheduler
+        self.model = session.accelerator.unwrap_model(session.model)
+        self.started = time.perf_counter()
 
-        def loss_with_orthogonality(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-            loss, tokens = answer_loss(model, batch)
-            return loss + ADALORA_ORTH_WEIGHT * adalora_orthogonality(model), tokens
+    def train_seconds(self) -> float:
+        return self.session.progress.train_seconds + time.perf_counter() - self.started
 
-        return Adapted(
-            adalora, make_budget(config.adapter, targets), None, hook=schedule, loss_fn=loss_with_orthogonality
-        )
-    if ranks is not None:
-        budget = make_budget(config.adapter, targets)
-        allocation, spectra = Allocation(dict(ranks), budget.total, {"method": method, "resumed": True}), None
-    else:
-        allocation, budget, spectra = initial_allocation(config, model, targets, batches, show_progress)
-    return Adapted(attach_lora(model, config.adapter, allocation), budget, allocation, spectra)
+    def step_begin(self, step: int) -> None:
+        pass
 
-
-def _resumable(config: RunConfig, out: Path) -> dict[str, Any]:
-    """The newest complete checkpoint of the run in `out`, after checking it was made by this very configuration."""
-    if config.adapter.method == "adalora":
-        raise ConfigError("--resume is not supported for adalora (PEFT keeps its importance scores internally)")
-    saved = out / "config.yaml"
-    if not saved.is_file():
-        raise ConfigError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
-    if saved.read_text() != config.to_yaml():
-        old, new = yaml.safe_load(saved.read_text()), config.to_dict()
-        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
-        raise ConfigError(
-            f"the configuration differs from the run's {saved} in {changed}; resume with the same config"
-        )
-    return load_checkpoint(latest_checkpoint(out))
-
-
-def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> RunResult:
-    """Train and evaluate as `config` says; writes everything listed in this module's docstring. With `resume`,
-    continue from the newest complete checkpoint in the output directory, exactly as if never interrupted."""
-    started = time.perf_counter()
-    t, method = config.train, config.adapter.method
-    out = Path(t.output_dir)
-    state = _resumable(config, out) if resume else None
-    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
-    if state is None and accelerator.is_main_process:
-        prepare_output_dir(out, overwrite)
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-    accelerator.wait_for_everyone()
-    set_seed(t.seed)
-    accelerator.init_trackers("tensorboard")
-    show = show_progress and accelerator.is_main_process
-
-    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
-    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
-    train_samples, eval_samples = load_samples(config.data, t.seed)
-    targets = discover_targets(model, config.adapter.target_modules, config.adapter.towers)
-    model.to(accelerator.device)
-    if state is None:
-        calibration = config.adapter.calibration_batches if needs_calibration(config) else 0
-        batches = calibration_batches(train_samples, encoder, t.batch_size, calibration, t.seed, accelerator.device)
-        adapted = adapt(config, model, targets, batches, show)
-    else:
-        adapted = adapt(config, model, targets, [], show, ranks=state.get("ranks"))
-    model, allocation = adapted.model, adapted.allocation
-    if state is None:
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-        )
-        first_step, consumed, train_seconds = 1, 0, 0.0
-        if accelerator.is_main_process and method == "hydra":
-            save_allocation(allocation, targets, out, f"{method} ranks (start)", name="allocation_start")
-    else:
-        restore_trainable(model, state)
-        optimizer = restore_optimizer(model, t.lr, t.weight_decay, state)
-        first_step, consumed, train_seconds = state["step"] + 1, state["consumed_batches"], state["train_seconds"]
-        _truncate_log(out / "log.jsonl", state["step"])
-
-    sampler = ResumableSampler(len(train_samples), t.seed, start=consumed * t.batch_size * accelerator.num_processes)
-    loader = DataLoader(
-        EncodedDataset(train_samples, encoder),
-        batch_size=t.batch_size,
-        sampler=sampler,
-        collate_fn=functools.partial(collate, pad_token_id=encoder.pad_token_id),
-    )
-    schedule = WarmupCosine(t.lr, t.warmup_steps, t.max_steps, resize_warmup_steps=config.schedule.resize_warmup_steps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    hooks: list = []
-    scheduler = None
-    if method == "hydra":
-        scheduler = HydraScheduler(
-            accelerator.unwrap_model(model),
-            targets,
-            adapted.budget,
-            allocation,
-            config.schedule,
-            t.max_steps,
-            seed=t.seed,
-            history_path=out / "allocation_history.jsonl" if accelerator.is_main_process else None,
-            initial_spectra=adapted.spectra,
-            debug_checks=t.debug_checks,
-        )
-        if state is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        hooks.append(scheduler)
-    if adapted.hook is not None:
-        hooks.append(adapted.hook)
-    for hook in hooks:
-        hook.bind(optimizer)
-    eval_items = [encoder.encode(s) for s in eval_samples] if t.eval_every else []
-    log = JsonlWriter(out / "log.jsonl") if accelerator.is_main_process else None
-    logger = StepLogger(config, accelerator.unwrap_model(model), accelerator, log, eval_items, encoder.pad_token_id)
-    if state is not None:
-        logger.max_trainable = state["max_trainable"]
-    train_started = time.perf_counter()
-
-    class Checkpointer:
-        """Every `train.checkpoint_every` steps: everything needed to continue exactly (see checkpoint.py)."""
-
-        def step_begin(self, step: int) -> None:
-            pass
-
-        def step_end(self, step: int, record: dict[str, Any]) -> bool:
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps and _finite(model):
-                current = scheduler.allocation if scheduler is not None else allocation
-                extra = {
-                    "ranks": None if current is None else dict(current.ranks),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "consumed_batches": step * t.grad_accum,
-                    "max_trainable": logger.max_trainable,
-                    "train_seconds": train_seconds + time.perf_counter() - train_started,
-                }
-                if accelerator.is_main_process:
-                    save_checkpoint(out, step, accelerator.unwrap_model(model), optimizer, extra, t.keep_checkpoints)
+    def step_end(self, step: int, record: dict[str, Any]) -> bool:
+        t, session = self.session.config.train, self.session
+        if not (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps and _finite(self.model)):
             return False
+        current = current_allocation(self.scheduler, session.adapted)
+        extra = {
+            "ranks": None if current is None else dict(current.ranks),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "consumed_batches": step * t.grad_accum,
+            "max_trainable": self.logger.max_trainable,
+            "train_seconds": self.train_seconds(),
+        }
+        if session.accelerator.is_main_process:
+            save_checkpoint(session.out, step, self.model, session.optimizer, extra, t.keep_checkpoints)
+        return False
 
-    if state is not None:
-        set_rng_state(state["rng"])
+
+# ---- stage 4: optimise ---------------------------------------------------------------------------------------------
+def train_steps(session: Session, hooks: Hooks) -> float:
+    """Run the optimizer steps (a resumed run: the remaining ones, with its RNG state); return the training seconds.
+    A non-finite loss ends the run with one error naming the checkpoint to resume from."""
+    t = session.config.train
+    if session.progress.rng is not None:
+        set_rng_state(session.progress.rng)
     try:
         optimize(
-            model,
-            optimizer,
-            schedule,
-            batches_forever(loader),
-            accelerator,
+            session.model,
+            session.optimizer,
+            WarmupCosine(
+                t.lr, t.warmup_steps, t.max_steps, resize_warmup_steps=session.config.schedule.resize_warmup_steps
+            ),
+            batches_forever(session.loader),
+            session.accelerator,
             steps=t.max_steps,
             grad_accum=t.grad_accum,
             max_grad_norm=t.max_grad_norm,
-            hooks=(*hooks, logger, Checkpointer()),
-            description=f"train ({method})",
-            loss_fn=adapted.loss_fn,
-            first_step=first_step,
+            hooks=hooks.all(),
+            description=f"train ({session.method})",
+            loss_fn=session.adapted.loss_fn,
+            first_step=session.progress.first_step,
         )
     except NonFiniteLoss as error:
-        if log is not None:
-            log.close()
-        kept = complete_checkpoints(out)
+        hooks.logger.close()
+        kept = complete_checkpoints(session.out)
         where = (
             f"the last good checkpoint is {kept[-1]} (continue with --resume after lowering train.lr)"
             if kept
-            else ("no checkpoint was written (set train.checkpoint_every to keep one)")
+            else "no checkpoint was written (set train.checkpoint_every to keep one)"
         )
         raise HydraError(f"{error}; training stopped, {where}") from None
-    train_time = train_seconds + time.perf_counter() - train_started
-    if log is not None:
-        log.close()
-    final = scheduler.allocation if scheduler is not None else allocation
-    if scheduler is not None:
-        scheduler.close()
+    seconds = hooks.checkpointer.train_seconds()
+    hooks.logger.close()
+    if hooks.scheduler is not None:
+        hooks.scheduler.close()
+    return seconds
 
-    model = accelerator.unwrap_model(model)
+
+# ---- stage 5: save, evaluate, write outputs ------------------------------------------------------------------------
+def finish(session: Session, hooks: Hooks, train_seconds: float, started: float) -> RunResult:
+    """Save the trained weights and final allocation, evaluate, and write metrics, predictions and the report."""
+    config, accelerator = session.config, session.accelerator
+    model = accelerator.unwrap_model(session.model)
+    final = current_allocation(hooks.scheduler, session.adapted)
+    targets = session.inputs.targets
     if accelerator.is_main_process:
-        if t.save:
-            with atomic_directory(out / ("model" if method == "full" else "adapter")) as staging:
+        if config.train.save:
+            with atomic_directory(session.out / config.adapter.spec.output) as staging:
                 model.save_pretrained(staging, safe_serialization=True)
         if final is not None:
-            save_allocation(final, targets, out, f"{method} ranks (end)")
-    results = evaluate_configured(model, encoder, config, train_samples, eval_samples, show)
+            save_allocation(final, targets, session.out, f"{session.method} ranks (end)")
+    inputs = session.inputs
+    results = evaluate_configured(
+        model, inputs.encoder, config, inputs.train_samples, inputs.eval_samples, session.show
+    )
     predictions = results.pop("predictions")
-    if final is not None:
-        used = final.params(targets)
-    elif method == "adalora":
-        used = adalora_effective_params(model, targets)
-    else:
-        used = trainable_parameters(model)
-    metrics = {
-        "method": method,
+    metrics = run_metrics(session, hooks, model, final, results)
+    metrics["train_time_s"] = round(train_seconds, 2)
+    metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
+    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    metrics["threads"] = torch.get_num_threads()
+    write_outputs(session, model, final, metrics, predictions)
+    return RunResult(metrics, model, session.out)
+
+
+def run_metrics(
+    session: Session, hooks: Hooks, model: nn.Module, final: Allocation | None, results: dict[str, Any]
+) -> dict[str, Any]:
+    """metrics.json's content, except the timings and memory measured last."""
+    config, adapted, targets = session.config, session.adapted, session.inputs.targets
+    start = adapted.allocation
+    used = final.params(targets) if final is not None else adapted.used_params(model)
+    return {
+        "method": session.method,
         "model": config.model.name_or_path,
-        "seed": t.seed,
-        "steps": t.max_steps,
-        "resumed_from_step": first_step - 1 if state is not None else None,
+        "seed": config.train.seed,
+        "steps": config.train.max_steps,
+        "resumed_from_step": session.progress.resumed_from,
         "target_modules": len(targets),
         "budget_params": adapted.budget.total,
         "used_params": used,
         "trainable_params": trainable_parameters(model),
-        "max_trainable_params": logger.max_trainable,
+        "max_trainable_params": hooks.logger.max_trainable,
         **({"rank_min": min(final.ranks.values()), "rank_max": max(final.ranks.values())} if final else {}),
-        "calibration_time_s": allocation.info.get("calibration_seconds", 0.0) if allocation else 0.0,
-        **(scheduler.summary() if scheduler is not None else {}),
+        "calibration_time_s": start.info.get("calibration_seconds", 0.0) if start else 0.0,
+        **(hooks.scheduler.summary() if hooks.scheduler is not None else {}),
         **results,
-        "train_time_s": round(train_time, 2),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "threads": torch.get_num_threads(),
     }
-    if t.debug_checks and accelerator.num_processes > 1:
+
+
+def write_outputs(
+    session: Session, model: nn.Module, final: Allocation | None, metrics: dict[str, Any], predictions: list[dict]
+) -> None:
+    """metrics.json, predictions.jsonl, the final TensorBoard scalars and report.html (main process), and under
+    `train.debug_checks` with several processes each process's fingerprint."""
+    accelerator, out, method = session.accelerator, session.out, session.method
+    if session.config.train.debug_checks and accelerator.num_processes > 1:
         write_json(out / f"process-{accelerator.process_index}.json", process_fingerprint(model, final))
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
         lines = "".join(f"{json.dumps(p, sort_keys=True)}\n" for p in predictions)
         atomic_write_text(out / "predictions.jsonl", lines)
-        accelerator.log({"eval/loss": metrics["eval_loss"], "eval/accuracy": metrics["eval_accuracy"]}, t.max_steps)
+        scalars = {"eval/loss": metrics["eval_loss"], "eval/accuracy": metrics["eval_accuracy"]}
+        accelerator.log(scalars, session.config.train.max_steps)
         write_report(out, {method: out}, title=f"hydra-rank run: {method}")
     accelerator.end_training()
     console.print(f"[bold]hydra-rank[/]: run written to {out}")
-    return RunResult(metrics, model, out)
 
 
 def process_fingerprint(model: nn.Module, allocation: Allocation | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Small shared helpers: progress bars, peak memory, atomic writes, JSON lines."""
+"""Small shared helpers: progress bars, peak memory, atomic writes, JSON lines, Accelerate's optimizer wrapper."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    import torch
 
 console = Console(stderr=True, soft_wrap=True)  # messages are never re-wrapped: logs keep whole lines
 
@@ -109,3 +112,9 @@ class JsonlWriter:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's `AcceleratedOptimizer` (or `optimizer` itself): its param groups,
+    state and step hooks are the ones that count."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -8,31 +8,32 @@ datasets: readable images inside the image folder, placeholders matching images,
 
 from __future__ import annotations
 
-from .config import RunConfig
-from .data import ChatEncoder, load_samples
-from .models.loading import load_model
-from .rank.budget import discover_targets
+from typing import TYPE_CHECKING
+
+from .inputs import load_inputs
 from .rank.plan import make_budget
 from .utils import progress_bar
 
+if TYPE_CHECKING:
+    from .config import RunConfig
+
 
 def validate_config(config: RunConfig, show_progress: bool = True) -> dict:
-    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
-    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
-    targets = discover_targets(model, config.adapter.target_modules, config.adapter.towers)
+    inputs = load_inputs(config)
+    targets = inputs.targets
     budget = make_budget(config.adapter, targets)
     budget.check_feasible(targets)
-    train, held_out = load_samples(config.data, config.train.seed)
+    train, held_out = inputs.train_samples, inputs.eval_samples
     longest = 0
     images = set()
     with progress_bar("validate samples", total=len(train) + len(held_out), enabled=show_progress) as advance:
         for sample in [*train, *held_out]:
-            longest = max(longest, len(encoder.encode(sample).input_ids))
+            longest = max(longest, len(inputs.encoder.encode(sample).input_ids))
             images.update(sample.images)
             advance()
     return {
         "model": config.model.name_or_path,
-        "architecture": model.config.model_type,
+        "architecture": inputs.model.config.model_type,
         "target_modules": len(targets),
         "budget_params": budget.total,
         "train_samples": len(train),

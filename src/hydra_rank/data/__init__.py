@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
 from ..errors import DataError
 from . import easy_vqa, scenes, text_tasks
 from .encode import ChatEncoder, Encoded, collate
 from .records import load_hf_dataset, load_json_samples
 from .sample import Sample
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 __all__ = ["ChatEncoder", "DataError", "EncodedDataset", "Sample", "collate", "load_samples"]
 

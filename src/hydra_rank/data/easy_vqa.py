@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from ..models.vision import package_dir
+from ..cache import package_dir
 from .sample import IMAGE_PLACEHOLDER, Sample
 
 SHAPES = frozenset({"circle", "rectangle", "triangle"})

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from ..loss import IGNORE_INDEX
 from ..models.arch import processor_spec
 from .sample import IMAGE_PLACEHOLDER, Sample, load_image
 
-IGNORE_INDEX = -100
 # Processor outputs with one value per token: which tokens are image tokens (Qwen2-VL's M-RoPE positions, Gemma 3's
 # bidirectional attention over an image) or PaliGemma's prefix. Text the processor never sees is a text token (0).
 TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..cache import cached
 from ..utils import atomic_directory
 
 SIZE = 56
@@ -137,6 +138,4 @@ def generate(directory: Path, seed: int = 0) -> dict[str, int]:
 
 def cached_scenes(seed: int = 0) -> Path:
     """The default task, generated once into the cache (deterministic for a seed)."""
-    from ..models.tiny_vlm import cached
-
     return cached(f"scenes-v{VERSION}-seed{seed}", lambda directory: write_task(directory, seed), marker="test.jsonl")

@@ -12,6 +12,8 @@ import json
 import random
 from pathlib import Path
 
+from ..cache import cached
+
 WORDS = [
     "anchor",
     "basket",
@@ -86,8 +88,6 @@ def write_task(directory: Path, seed: int = 0, train: int = 6000, test: int = 60
 
 
 def cached_text_tasks(seed: int = 0) -> Path:
-    from ..models.tiny_vlm import cached
-
     return cached(
         f"text-tasks-v{VERSION}-seed{seed}", lambda directory: write_task(directory, seed), marker="test.jsonl"
     )

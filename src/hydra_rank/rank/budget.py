@@ -114,6 +114,12 @@ class Allocation:
         costs = {t.name: t.cost for t in targets}
         return sum(rank * costs[name] for name, rank in self.ranks.items())
 
+    def moved_params(self, previous: Allocation, targets: list[Target]) -> int:
+        """Parameters of budget that changed hands since `previous`: the cost of every rank increase (what
+        `schedule.max_move_fraction` caps; decreases pay for them)."""
+        costs = {t.name: t.cost for t in targets}
+        return sum(max(0, rank - previous.ranks[name]) * costs[name] for name, rank in self.ranks.items())
+
     def check(self, targets: list[Target], budget: Budget | None = None) -> None:
         """Raise if the allocation does not cover exactly `targets`, exceeds its own budget or `budget`'s total, or
         breaks `budget`'s rank bounds."""

@@ -25,11 +25,13 @@ from __future__ import annotations
 import functools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .budget import Target
+if TYPE_CHECKING:
+    from .budget import Target
 
 ENERGY_FLOOR = 1e-30
 

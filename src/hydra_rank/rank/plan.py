@@ -1,30 +1,27 @@
-"""From a configuration to the allocation a run starts with: uniform LoRA, a saved allocation, or calibration +
-hierarchical allocation."""
+"""From a configuration to the budget and the allocation a LoRA method starts with (`methods.Start`): uniform
+rank r0, a saved allocation, calibration + the allocation solver, or one of the benchmark controls."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, RunConfig
-from ..data import ChatEncoder, Sample, collate, load_samples
+from ..data.encode import collate
 from ..errors import ConfigError
-from ..utils import atomic_write_text
+from ..methods import Method, Start
 from .allocate import allocate
-from .budget import Allocation, Budget, Target, discover_targets, uniform_budget
+from .budget import Allocation, Budget, Target, uniform_budget
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, gradient_spectra
 
-MODES = {
-    "hydra": "hierarchical",
-    "hydra-static": "hierarchical",
-    "hydra-coarse": "coarse",
-    "hydra-fine": "fine",
-    "control-shuffled": "hierarchical",
-}
+if TYPE_CHECKING:
+    from ..config import AdapterConfig, RunConfig
+    from ..data.encode import ChatEncoder
+    from ..data.sample import Sample
+
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -53,10 +50,10 @@ def type_prior(targets: list[Target], budget: Budget) -> Allocation:
     return allocation
 
 
-def make_budget(config: AdapterConfig, targets: list[Target]) -> Budget:
-    """The run's budget: uniform LoRA's size at r0 (or `budget_params`), with the configured bounds; uniform LoRA
-    itself only ever has rank r0."""
-    if config.method == "lora":
+def make_budget(config: AdapterConfig, targets: list[Target], method: Method | None = None) -> Budget:
+    """The budget of `method` (default: the configured one): uniform LoRA's size at r0 (or `budget_params`), with
+    the configured bounds; a method that does not allocate ranks is pinned to rank r0."""
+    if not (method or config.spec).allocates:
         return Budget(uniform_budget(targets, config.rank), config.rank, config.rank)
     total = config.budget_params if config.budget_params is not None else uniform_budget(targets, config.rank)
     return Budget(total, config.min_rank, config.upper_rank, config.rank_granularity)
@@ -84,47 +81,49 @@ def calibrated_allocation(
     return allocation, spectra
 
 
-def needs_calibration(config: RunConfig) -> bool:
+def calibration_batch_count(config: RunConfig) -> int:
+    """How many calibration batches the run's start needs (0: it does not calibrate)."""
     adapter = config.adapter
-    if adapter.method in ("lora", "adalora", "full", "control-prior") or adapter.allocation_path:
-        return False
-    return adapter.method != "hydra" or config.schedule.init == "calibrated"
+    return adapter.calibration_batches if adapter.spec.calibrates(config.schedule.init, adapter.allocation_path) else 0
 
 
 def initial_allocation(
     config: RunConfig,
     model: nn.Module,
     targets: list[Target],
+    budget: Budget,
     batches: list[dict[str, torch.Tensor]],
     show_progress: bool = True,
-) -> tuple[Allocation, Budget, dict[str, ModuleSpectrum] | None]:
-    """The allocation a run starts from, the budget it lives in, and the calibration spectra when it has them."""
-    adapter = config.adapter
-    if adapter.method == "lora":
-        return Allocation.uniform(targets, adapter.rank), make_budget(adapter, targets), None
-    budget = make_budget(adapter, targets)
+) -> tuple[Allocation, dict[str, ModuleSpectrum] | None]:
+    """The allocation a LoRA method starts from, and the calibration spectra when it has them."""
+    adapter, start = config.adapter, config.adapter.spec.start
+    if start is Start.UNIFORM:
+        return Allocation.uniform(targets, adapter.rank), None
     budget.check_feasible(targets)
     if adapter.allocation_path:
-        allocation = Allocation.load(adapter.allocation_path)
-        try:
-            allocation.check(targets, budget)
-        except ValueError as error:
-            raise ConfigError(
-                f"adapter.allocation_path {adapter.allocation_path} does not fit this run: {error}"
-            ) from None
-        return allocation, budget, None
-    if adapter.method == "control-prior":
-        return type_prior(targets, budget), budget, None
-    if not needs_calibration(config):  # hydra with a uniform warm-up: the first decision allocates
+        return saved_allocation(adapter.allocation_path, targets, budget), None
+    if start is Start.PRIOR:
+        return type_prior(targets, budget), None
+    if not calibration_batch_count(config):  # a uniform warm-up: the first decision allocates
         rank = max(budget.min_rank, min(adapter.rank, budget.total // sum(t.cost for t in targets)))
-        return Allocation({t.name: rank for t in targets}, budget.total, {"method": "uniform warm-up"}), budget, None
+        return Allocation({t.name: rank for t in targets}, budget.total, {"method": "uniform warm-up"}), None
     allocation, spectra = calibrated_allocation(
-        model, targets, budget, MODES[adapter.method], batches, config.train.seed, show_progress
+        model, targets, budget, adapter.spec.mode, batches, config.train.seed, show_progress
     )
     allocation.info["method"] = adapter.method
-    if adapter.method == "control-shuffled":
+    if start is Start.SHUFFLED:
         allocation = shuffled(allocation, targets, config.train.seed)
-    return allocation, budget, spectra
+    return allocation, spectra
+
+
+def saved_allocation(path: str, targets: list[Target], budget: Budget) -> Allocation:
+    """An allocation.json (from `hydra-rank allocate`), checked against this run's targets and budget."""
+    allocation = Allocation.load(path)
+    try:
+        allocation.check(targets, budget)
+    except ValueError as error:
+        raise ConfigError(f"adapter.allocation_path {path} does not fit this run: {error}") from None
+    return allocation
 
 
 def calibration_batches(
@@ -143,41 +142,3 @@ def calibration_indices(size: int, batch_size: int, count: int, seed: int) -> li
     built-in loop and the Trainer integration so both start from the same allocation."""
     chosen = random.Random(seed + 1).sample(range(size), min(size, batch_size * count))
     return [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
-
-
-def save_allocation(
-    allocation: Allocation, targets: list[Target], directory: Path, title: str, name: str = "allocation"
-) -> None:
-    """`NAME.json` and its layer x module heatmap `NAME.png`."""
-    from ..report import plot_allocation
-
-    atomic_write_text(directory / f"{name}.json", allocation.to_json())
-    plot_allocation(allocation.ranks, targets, directory / f"{name}.png", title)
-
-
-def allocate_for_config(config: RunConfig, output_dir: Path, show_progress: bool = True) -> tuple[Allocation, list]:
-    """What `hydra-rank allocate` does: calibrate on the configured model and data, allocate, save. A `lora` config
-    gets the full hierarchical allocation at its budget."""
-    from ..models.loading import load_model
-
-    method = config.adapter.method if config.adapter.method in MODES else "hydra"
-    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
-    encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
-    train_samples, _ = load_samples(config.data, config.train.seed)
-    targets = discover_targets(model, config.adapter.target_modules, config.adapter.towers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batches = calibration_batches(
-        train_samples, encoder, config.train.batch_size, config.adapter.calibration_batches, config.train.seed, device
-    )
-    allocation, _ = calibrated_allocation(
-        model.to(device),
-        targets,
-        make_budget(config.adapter, targets),
-        MODES[method],
-        batches,
-        config.train.seed,
-        show_progress,
-    )
-    allocation.info["method"] = method
-    save_allocation(allocation, targets, output_dir, f"{method} ranks (budget {allocation.budget:,} params)")
-    return allocation, targets

@@ -8,7 +8,7 @@
   directions not yet covered, when given, else random; RMS norm c) with zero B columns: ΔW and the layer's output are
   unchanged, and the new directions start learning from the next step.
 
-The scale s = alpha/r0 is the same for every module (see `adapter.py`), so a resize changes `r` and
+The scale s = alpha/r0 is the same for every module (see `lora.py`), so a resize changes `r` and
 `lora_alpha = s·r` but never `scaling`.
 
 Optimizer state, handled explicitly:
@@ -24,16 +24,18 @@ Modules whose rank does not change keep their parameters and optimizer state unt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..adapter import pattern_key
-from .budget import Allocation
+from ..utils import unwrap_optimizer
+from .lora import ADAPTER, lora_layers, lora_patterns
 
-ADAPTER = "default"
+if TYPE_CHECKING:
+    from .budget import Allocation
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Par
     moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
     an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
     """
-    base = getattr(optimizer, "optimizer", optimizer)
+    base = unwrap_optimizer(optimizer)
     state = base.state.pop(old, None)
     for group in base.param_groups:
         for index, parameter in enumerate(group["params"]):
@@ -163,11 +165,6 @@ def _linear(weight: torch.Tensor, like: nn.Parameter) -> nn.Linear:
     return module
 
 
-def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
-    """LoRA layers by full module name (as in `Target.name`)."""
-    return {name: module for name, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer)}
-
-
 def apply_allocation(
     model: PeftModel,
     allocation: Allocation,
@@ -184,7 +181,5 @@ def apply_allocation(
             hint = (directions or {}).get(name)
             results.append(resize_layer(layers[name], name, rank, hint, generator, optimizer))
     config = model.peft_config[ADAPTER]
-    scale = config.lora_alpha / config.r
-    config.rank_pattern = {pattern_key(name): rank for name, rank in allocation.ranks.items()}
-    config.alpha_pattern = {pattern_key(name): scale * rank for name, rank in allocation.ranks.items()}
+    config.rank_pattern, config.alpha_pattern = lora_patterns(allocation.ranks, config.lora_alpha, config.r)
     return results

@@ -27,20 +27,24 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from peft import PeftModel
 
-from ..config import ScheduleConfig
-from ..utils import JsonlWriter
+from ..errors import InvariantError
+from ..utils import JsonlWriter, unwrap_optimizer
 from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
+from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
-from .resize import ADAPTER, apply_allocation, lora_layers
+from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
+
+if TYPE_CHECKING:
+    from ..config import ScheduleConfig
 
 
 def _agree(allocation: Allocation) -> Allocation:
@@ -104,7 +108,7 @@ class HydraScheduler:
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure every optimizer step's first-order loss change per module: −⟨grad, Δθ⟩ over its A and B."""
         self.optimizer = optimizer
-        base = getattr(optimizer, "optimizer", optimizer)
+        base = unwrap_optimizer(optimizer)
         base.register_step_pre_hook(self._before_step)
         base.register_step_post_hook(self._after_step)
 
@@ -141,10 +145,12 @@ class HydraScheduler:
     def check(self) -> None:
         """The budget invariant: adapters are physically their allocated size, and that size fits the budget."""
         sizes = {name: self.layers[name].r[ADAPTER] for name in self.names}
-        assert sizes == self.allocation.ranks, "adapter sizes differ from the allocation"
+        if sizes != self.allocation.ranks:
+            raise InvariantError("the adapters' sizes differ from the allocation")
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         used = self.allocation.params(self.targets)
-        assert trainable == used <= self.budget.total, f"{trainable=} {used=} budget={self.budget.total}"
+        if not trainable == used <= self.budget.total:
+            raise InvariantError(f"parameter budget broken: {trainable=} {used=} budget={self.budget.total}")
 
     # ---- decisions ----------------------------------------------------------------------------------------
     def _curves(self, spectra: dict[str, ModuleSpectrum]) -> np.ndarray:
@@ -157,7 +163,8 @@ class HydraScheduler:
 
     def _decide(self, step: int, record: dict[str, Any]) -> bool:
         started = time.perf_counter()
-        assert self.sketches is not None, "no gradient sketch before a decision"
+        if self.sketches is None:
+            raise InvariantError(f"no gradient sketch was taken before the decision at step {step}")
         spectra = self.sketches.results()
         self.seconds["sketch"] += self.sketches.seconds
         self.sketches.remove()
@@ -200,7 +207,7 @@ class HydraScheduler:
         resized = apply_allocation(self.model, new, directions, self.generator, self.optimizer)
         self.seconds["resize"] += time.perf_counter() - tick
 
-        moved = sum(abs(new.ranks[t.name] - self.allocation.ranks[t.name]) * t.cost for t in self.targets) // 2
+        moved = new.moved_params(self.allocation, self.targets)
         self.allocation = new
         self.pending = self._predict(curves, new)
         self.decisions_made += 1
@@ -209,7 +216,7 @@ class HydraScheduler:
             predicted_gain=float(self.pending[1].sum()),
             used_params=new.params(self.targets),
             budget_params=self.budget.total,
-            moved_params=int(moved),
+            moved_params=moved,
             resized_modules=len(resized),
             dropped_energy=float(sum(r.dropped_energy for r in resized)),
             perf_model=self.perf_model.describe(),

