@@ -84,7 +84,8 @@ def train(
         bool, typer.Option(help="Continue the run in the output dir from its newest complete checkpoint.")
     ] = False,
 ) -> None:
-    """Fine-tune with the method in CONFIG; writes config.yaml, log.jsonl, adapter/, metrics.json to the output dir.
+    """Fine-tune with the method in CONFIG (adapter.method: see `hydra-rank methods`); writes config.yaml, log.jsonl,
+    adapter/, metrics.json to the output dir.
 
     Set train.checkpoint_every to write checkpoints; after a crash, the same command with --resume continues exactly
     where the newest checkpoint left off."""

@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    method: str = DEFAULT_METHOD  # one of `methods.METHODS` (`hydra-rank bench --help` lists them)
+    method: str = DEFAULT_METHOD  # one of `methods.METHODS` (`hydra-rank methods` lists them)
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
     alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
     dropout: float = 0.0
