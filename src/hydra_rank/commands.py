@@ -33,7 +33,8 @@ def evaluate_saved(config: RunConfig, adapter: Path | None = None, show_progress
         model, inputs.encoder, config, inputs.train_samples, inputs.eval_samples, show_progress
     )
     results.pop("predictions")
-    return {"model": config.model.name_or_path, "adapter": str(adapter) if adapter else None, **results}
+    adapter_name = str(adapter) if adapter else None
+    return {"model": config.model.name_or_path, "adapter": adapter_name, **results, "provenance": inputs.provenance()}
 
 
 def allocate_for_config(

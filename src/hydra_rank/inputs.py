@@ -1,18 +1,23 @@
 """What a command works on, loaded from a configuration in one place: the model (by built-in name, local folder or
 hub id), its processor, the chat encoder, the training and evaluation samples, and the adapter's target modules.
 
-`train`, `validate`, `eval`, `allocate` and `export` all start here, so they read a configuration the same way.
+`train`, `validate`, `eval`, `allocate` and `export` all start here, so they read a configuration the same way, and
+results record where they came from the same way (`RunInputs.provenance`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .builtin import resolve
+from .cache import BUILD_FILE, file_sha256
 from .data import ChatEncoder, load_samples
 from .models.loading import load_pretrained
+from .provenance import environment
 from .rank.budget import discover_targets
 
 if TYPE_CHECKING:
@@ -34,6 +39,7 @@ def load_model(
 @dataclass
 class RunInputs:
     config: RunConfig
+    source: str  # the directory (a built-in model's cache entry) or hub id the model was loaded from
     model: PreTrainedModel
     processor: Any
     encoder: ChatEncoder
@@ -46,10 +52,30 @@ class RunInputs:
         adapter = self.config.adapter
         return discover_targets(self.model, adapter.target_modules, adapter.towers)
 
+    def provenance(self) -> dict[str, Any]:
+        """Where a result on these inputs comes from: git state, library versions, machine, and the base model."""
+        return {**environment(), "base_model": model_identity(self.config.model.name_or_path, self.source)}
+
+
+def model_identity(name: str, source: str) -> dict[str, Any]:
+    """The base model's name, where it was loaded from and its weight files' sha256 (a built-in model's from its
+    cache entry's build.json; a local folder's computed once per file version; a hub id has none here)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return {"name": name, "source": source, "weights_sha256": None}
+    build = folder / BUILD_FILE
+    if build.is_file():
+        files = json.loads(build.read_text())["files"]
+        weights = {f: digest for f, digest in files.items() if f.endswith(".safetensors")}
+    else:
+        weights = {str(f.relative_to(folder)): file_sha256(f) for f in sorted(folder.glob("*.safetensors"))}
+    return {"name": name, "source": folder.name if build.is_file() else str(folder), "weights_sha256": weights}
+
 
 def load_inputs(config: RunConfig) -> RunInputs:
     """Load the configured model and data (the model stays on the CPU, in eval mode)."""
-    model, processor = load_model(config.model.name_or_path, config.model.dtype, config.model.trust_remote_code)
+    source = resolve(config.model.name_or_path)
+    model, processor = load_pretrained(source, config.model.dtype, config.model.trust_remote_code)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, eval_samples = load_samples(config.data, config.train.seed)
-    return RunInputs(config, model, processor, encoder, train_samples, eval_samples)
+    return RunInputs(config, source, model, processor, encoder, train_samples, eval_samples)

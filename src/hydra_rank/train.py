@@ -448,6 +448,7 @@ def run_metrics(
         "calibration_time_s": start.info.get("calibration_seconds", 0.0) if start else 0.0,
         **(hooks.scheduler.summary() if hooks.scheduler is not None else {}),
         **results,
+        "provenance": session.inputs.provenance(),
     }
 
 
