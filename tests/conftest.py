@@ -7,6 +7,7 @@ real SmolLM2 tokenizer and chat template, from the same cache the built-in VLM l
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,32 @@ def write_text_dataset(root: Path, count: int = 12) -> tuple[Path, Path]:
     held_out = root / "eval.json"
     held_out.write_text(json.dumps(records[: count // 2]))
     return train, held_out
+
+
+REFERENCE = Path(__file__).with_name("reference_numbers.json")
+
+
+class Reference:
+    """Numbers of short, deterministic runs on the real built-in weights, recorded in tests/reference_numbers.json, so
+    a change that moves results is noticed when it is made. After a deliberate change, re-record them with
+    `HYDRA_RANK_RECORD_REFERENCE=1 pytest -m e2e` and re-measure what BENCHMARKS.md publishes."""
+
+    def __init__(self) -> None:
+        self.recording = os.environ.get("HYDRA_RANK_RECORD_REFERENCE") == "1"
+        self.values = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {}
+
+    def check(self, name: str, values: dict) -> None:
+        if self.recording:
+            self.values[name] = values
+            REFERENCE.write_text(json.dumps(self.values, indent=2, sort_keys=True) + "\n")
+            return
+        assert name in self.values, f"no recorded numbers for {name!r}: record them (see Reference)"
+        assert values == pytest.approx(self.values[name], rel=1e-5), (
+            f"{name}: the numbers moved from those recorded in {REFERENCE.name}; if the change is intended, "
+            "re-record them and re-measure BENCHMARKS.md"
+        )
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    return Reference()

@@ -4,12 +4,14 @@ The first test run builds the built-in VLM into the cache (a few minutes on 2 CP
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from hydra_rank import builtin
 from hydra_rank.builtin import tiny_vlm_path
 from hydra_rank.config import DEFAULT_SYSTEM_PROMPT, from_dict
 from hydra_rank.data import ChatEncoder, collate, easy_vqa
@@ -38,6 +40,23 @@ def test_builtin_vlm_is_a_plain_llava_checkpoint(built):
     assert stage1["caption_loss_after"] < stage1["caption_loss_before"] / 3
 
 
+def test_assembly_does_not_depend_on_what_the_cache_held(built, monkeypatch):
+    """Building a missing part (it initialises a model, drawing random numbers) must not shift the projector's
+    initialisation: the VLM has to be the same whether or not the cache already held its language model."""
+    recipe = builtin.TinyVLMRecipe()
+    first, _ = builtin.assemble(recipe)
+    cached_language = builtin.smollm2_path
+
+    def building_language() -> Path:
+        torch.randn(10_000)  # what building it would draw
+        return cached_language()
+
+    monkeypatch.setattr(builtin, "smollm2_path", building_language)
+    second, _ = builtin.assemble(recipe)
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+
+
 def test_projector_carries_image_content(built):
     """Stage 1 taught the projector to describe images: captions cost less with their own image than with another's."""
     _, model, processor = built
@@ -49,7 +68,7 @@ def test_projector_carries_image_content(built):
     assert own < 0.6 * other
 
 
-def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path):
+def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path, reference):
     path, base, processor = built
     config = from_dict(
         {
@@ -67,6 +86,7 @@ def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:2]) / 2, losses
     assert result.metrics["eval_loss"] < 0.5 * before
     assert result.metrics["trainable_params"] == result.metrics["budget_params"] == 4 * 30 * 10_176
+    reference.check("lora_easy_vqa_8_steps", {"losses": losses, "eval_loss": result.metrics["eval_loss"]})
 
     fresh_base = AutoModelForImageTextToText.from_pretrained(path)  # PEFT injects into the model it is given
     reloaded = PeftModel.from_pretrained(fresh_base, result.output_dir / "adapter").eval()
@@ -76,7 +96,7 @@ def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path):
         assert torch.equal(reloaded(**batch).logits, result.model.eval()(**batch).logits)
 
 
-def test_text_only_smollm2_trains_on_text_tasks(tmp_path):
+def test_text_only_smollm2_trains_on_text_tasks(tmp_path, reference):
     """The same pipeline with a plain causal LM and its tokenizer (no images, no processor)."""
     config = from_dict(
         {
@@ -91,3 +111,5 @@ def test_text_only_smollm2_trains_on_text_tasks(tmp_path):
     result = run(config, show_progress=False)
     assert result.metrics["decisions"] == 3 and result.metrics["used_params"] <= result.metrics["budget_params"]
     assert type(result.model.base_model.model).__name__ == "LlamaForCausalLM"
+    losses = [r["loss"] for r in read_jsonl(result.output_dir / "log.jsonl")]
+    reference.check("hydra_text_tasks_4_steps", {"losses": losses, "eval_loss": result.metrics["eval_loss"]})

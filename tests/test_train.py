@@ -127,6 +127,16 @@ def test_hydra_methods_train_within_budget_and_reload(method, tiny_llava_dir, co
         assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
 
 
+def test_metrics_record_their_provenance(finished, tiny_llava_dir):
+    _, result = finished
+    provenance = json.loads((result.output_dir / "metrics.json").read_text())["provenance"]
+    assert {"git", "versions", "machine", "base_model"} <= set(provenance)
+    assert provenance["versions"]["torch"] == torch.__version__
+    weights = provenance["base_model"]["weights_sha256"]
+    assert list(weights) == ["model.safetensors"] and len(weights["model.safetensors"]) == 64
+    assert provenance["base_model"]["source"] == str(tiny_llava_dir)
+
+
 def test_saved_allocation_is_reused_and_checked(tiny_llava_dir, colour_dataset, tmp_path):
     from hydra_rank.commands import allocate_for_config
 

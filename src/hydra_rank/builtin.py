@@ -118,11 +118,16 @@ def vision_path(image_size: int) -> Path:
 
 
 def assemble(recipe: TinyVLMRecipe) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Join the cached ViT and LLM into a LLaVA model with a freshly initialised projector."""
+    """Join the cached ViT and LLM into a LLaVA model with a freshly initialised projector.
+
+    The two parts are built (if the cache lacks them) before the seed is set: building them draws random numbers (a
+    model is initialised before its converted weights are loaded), so building them after it would make the
+    projector's initialisation, and so the whole VLM, depend on what the cache happened to hold."""
+    language_dir, vision_dir = smollm2_path(), vision_path(recipe.image_size)
     set_seed(recipe.seed)
-    language = LlamaForCausalLM.from_pretrained(smollm2_path())
-    vision = Dinov2Model.from_pretrained(vision_path(recipe.image_size))
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    language = LlamaForCausalLM.from_pretrained(language_dir)
+    vision = Dinov2Model.from_pretrained(vision_dir)
+    tokenizer = AutoTokenizer.from_pretrained(language_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     config = LlavaConfig(
         vision_config=vision.config.to_dict(),
