@@ -151,10 +151,13 @@ class Reference:
             REFERENCE.write_text(json.dumps(self.values, indent=2, sort_keys=True) + "\n")
             return
         assert name in self.values, f"no recorded numbers for {name!r}: record them (see Reference)"
-        assert values == pytest.approx(self.values[name], rel=1e-5), (
-            f"{name}: the numbers moved from those recorded in {REFERENCE.name}; if the change is intended, "
-            "re-record them and re-measure BENCHMARKS.md"
-        )
+        recorded = self.values[name]
+        assert set(values) == set(recorded), f"{name}: recorded {sorted(recorded)}, measured {sorted(values)}"
+        for key, value in values.items():
+            assert value == pytest.approx(recorded[key], rel=1e-5), (
+                f"{name}: {key} moved from the value recorded in {REFERENCE.name}; if the change is intended, "
+                "re-record the numbers and re-measure BENCHMARKS.md"
+            )
 
 
 @pytest.fixture(scope="session")
