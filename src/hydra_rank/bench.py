@@ -95,7 +95,7 @@ def _mean_log(run_dirs: list[Path]) -> list[dict]:
 def _mean_std(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.replace('+', '').format(statistics.stdev(values))}"
 
 
 def markdown_table(rows: list[dict], methods: list[str], reference: str) -> str:
