@@ -48,8 +48,8 @@ def git_state(directory: Path = PACKAGE) -> dict[str, str | bool | None]:
         return done.stdout
 
     commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None, "dirty": None}
+    if commit is None or git("ls-files", "--error-unmatch", "--", "__init__.py") is None:
+        return {"commit": None, "dirty": None}  # not a checkout of ours (e.g. a venv inside someone's repository)
     status = git("status", "--porcelain", "--untracked-files=no")  # results being written are not a change
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
