@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .methods import DEFAULT_METHOD, METHODS, Method
+from .methods import DEFAULT_METHOD, METHODS, Method, get_method
 
 # Names of the built-in models (built on first use by `builtin.py`) and the system prompt the built-in VLM's
 # projector was trained with; owned here because the defaults below use them.
@@ -77,8 +77,8 @@ class AdapterConfig:
 
     @property
     def spec(self) -> Method:
-        """The registry entry of `method` (validated when the config is built)."""
-        return METHODS[self.method]
+        """The registry entry of `method` (one clear error for an unknown name, also on a config built by hand)."""
+        return get_method(self.method)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .adapter import Adapted, adapt
 from .config import AdapterConfig, RunConfig, ScheduleConfig, TrainConfig, validate
 from .errors import ConfigError, HydraError
 from .loop import rebind_optimizer
-from .methods import METHODS, get_method
+from .methods import METHODS
 from .rank.budget import Target, discover_targets
 from .rank.plan import calibration_batch_count, calibration_indices
 from .rank.scheduler import HydraScheduler
@@ -152,7 +152,7 @@ class HydraTrainerMixin:
         super().__init__(*args, **kwargs)
         training = self.args
         adapter = hydra_adapter or AdapterConfig()
-        if not get_method(adapter.method).in_trainer:
+        if not adapter.spec.in_trainer:
             raise ConfigError(
                 f"HydraTrainer runs the LoRA-rank methods {TRAINER_METHODS}, got {adapter.method!r}; for AdaLoRA or "
                 f"full fine-tuning use PEFT's AdaLoraConfig or a plain Trainer"
