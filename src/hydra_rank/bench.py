@@ -2,23 +2,35 @@
 
 Each (method, seed) run trains in its own process (`runner.py`) one after another, so wall time and peak memory are
 each run's own. A run whose directory already holds metrics for the identical configuration is reused, so an
-interrupted benchmark continues where it stopped. Outputs in the benchmark directory:
+interrupted benchmark continues where it stopped.
 
-    results.json         per method and seed: accuracy, eval loss, trainable params (end and max), wall time,
-                         peak RSS, time spent in calibration / allocation / resizing, threads, and provenance (git
-                         commit and dirty flag, library versions, machine, the base model's cache key and sha256)
-    results.md           mean ± std per method, and per-seed differences against the reference method
+Learning rates are tuned, never guessed per method: with `lrs`, every method first trains once (on the first seed)
+at each learning rate, scored on the validation split (`data.validation_samples` training samples held out), and
+its lowest validation eval loss picks its learning rate for the reported runs, which are scored on the test split.
+Eval loss, not accuracy, picks: it is what every method minimises and it is far less noisy on a few hundred
+questions than exact match. Outputs in the benchmark directory:
+
+    sweep/               the sweep's runs; sweep.json: one row per (method, learning rate) with its validation scores
+    results.json         per method and seed: dataset, rank (r0 of the budget), lr, accuracy, eval loss, trainable
+                         params (end and max), wall time, peak RSS, time spent in calibration / allocation /
+                         resizing, threads, and provenance (git commit and dirty flag, library versions, machine, the
+                         base model's cache key and sha256)
+    results.md           mean ± std per method, and per-seed differences against the reference method; the sweep
     accuracy_vs_time.png, loss_curves.png
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig, from_dict
+from .errors import ConfigError
 from .methods import REFERENCE_METHOD
 from .report import plot_loss_curves
 from .runner import run_isolated
@@ -46,43 +58,122 @@ KEYS = (
 class BenchResult:
     rows: list[dict]  # one per (method, seed)
     table: str  # markdown
+    sweep: list[dict]  # one per (method, learning rate); empty without a sweep
 
 
-def method_config(base: RunConfig, method: str, seed: int, run_dir: Path) -> RunConfig:
-    """`base` with one method and seed; everything else (data order per seed, steps, schedule, budget) shared."""
+def method_config(
+    base: RunConfig, method: str, seed: int, run_dir: Path, lr: float | None = None, split: str | None = None
+) -> RunConfig:
+    """`base` with one method, seed, learning rate and eval split; everything else (data order per seed, steps,
+    schedule, budget) shared."""
     data = base.to_dict()
     data["adapter"]["method"] = method
     data["train"]["seed"] = seed
     data["train"]["output_dir"] = str(run_dir)
+    if lr is not None:
+        data["train"]["lr"] = lr
+    if split is not None:
+        data["data"]["eval_split"] = split
     return from_dict(data)
 
 
+def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None) -> dict:
+    """The run's metrics: from its folder when it already finished with exactly this configuration, else trained."""
+    run_dir = Path(config.train.output_dir)
+    previous = run_dir / "config.yaml"
+    if (run_dir / "metrics.json").is_file() and previous.is_file() and previous.read_text() == config.to_yaml():
+        return json.loads((run_dir / "metrics.json").read_text())
+    return run_isolated(config, config_path, threads)
+
+
+def _row(config: RunConfig, metrics: dict) -> dict:
+    return {
+        "method": config.adapter.method,
+        "seed": config.train.seed,
+        "dataset": config.data.dataset,
+        "rank": config.adapter.rank,
+        "lr": config.train.lr,
+        "split": config.data.eval_split,
+        "run_dir": config.train.output_dir,
+        **{k: metrics.get(k) for k in KEYS},
+    }
+
+
+def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int) -> list[dict]:
+    """Train (or reuse) every config, `jobs` at a time, each in its own process; rows in the configs' order.
+    `results` (a JSON file in `output_dir`) is rewritten as runs finish, so partial results survive a crash.
+    Parallel runs share the cores (one thread each on two cores by default), so their wall times are comparable with
+    each other, not with a run that had the machine alone."""
+    rows: list[dict | None] = [None] * len(configs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+
+    def one(index: int) -> None:
+        config = configs[index]
+        config_path = output_dir / "configs" / f"{Path(config.train.output_dir).name}.yaml"
+        rows[index] = _row(config, run_or_reuse(config, config_path, threads))
+        with lock:
+            write_json(output_dir / results, [row for row in rows if row is not None])
+
+    lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, index) for index in range(len(configs))]:
+            future.result()  # the first failure stops the benchmark with its error
+    return [row for row in rows if row is not None]
+
+
+def sweep_lrs(
+    base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path, jobs: int = 1
+) -> list[dict]:
+    """Every method at every learning rate on `seed`, scored on the validation split."""
+    if base.data.validation_samples < 1:
+        raise ConfigError(
+            "bench --lrs chooses learning rates on a validation split: set data.validation_samples (e.g. 300) in "
+            "the config or with --set"
+        )
+    configs = [
+        method_config(base, method, seed, output_dir / "sweep" / f"{method}-lr{lr:g}", lr, "validation")
+        for method in methods
+        for lr in lrs
+    ]
+    return run_all(configs, output_dir, "sweep.json", jobs)
+
+
+def best_lrs(sweep: list[dict]) -> dict[str, float]:
+    """Per method, the learning rate with the lowest validation eval loss (ties: the smaller rate)."""
+    best: dict[str, dict] = {}
+    for row in sweep:
+        current = best.get(row["method"])
+        if current is None or (row["eval_loss"], row["lr"]) < (current["eval_loss"], current["lr"]):
+            best[row["method"]] = row
+    return {method: row["lr"] for method, row in best.items()}
+
+
 def run_bench(
-    base: RunConfig, methods: list[str], seeds: list[int], output_dir: Path, reference: str = REFERENCE_METHOD
+    base: RunConfig,
+    methods: list[str],
+    seeds: list[int],
+    output_dir: Path,
+    reference: str = REFERENCE_METHOD,
+    lrs: list[float] | None = None,
+    jobs: int = 1,
 ) -> BenchResult:
-    rows = []
-    for seed in seeds:
-        for method in methods:
-            run_dir = output_dir / f"{method}-seed{seed}"
-            config = method_config(base, method, seed, run_dir)
-            config_path = output_dir / "configs" / f"{method}-seed{seed}.yaml"
-            previous = run_dir / "config.yaml"
-            if (
-                (run_dir / "metrics.json").is_file()
-                and previous.is_file()
-                and previous.read_text() == config.to_yaml()
-            ):
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-            else:
-                metrics = run_isolated(config, config_path)
-            rows.append({"method": method, "seed": seed, "run_dir": str(run_dir), **{k: metrics.get(k) for k in KEYS}})
-            write_json(output_dir / "results.json", rows)  # after every run: partial results survive a crash
+    """Sweep learning rates (with `lrs`), then train every method on every seed at its chosen rate."""
+    sweep = sweep_lrs(base, methods, lrs, seeds[0], output_dir, jobs) if lrs else []
+    chosen = best_lrs(sweep)
+    configs = [
+        method_config(base, method, seed, output_dir / f"{method}-seed{seed}", chosen.get(method))
+        for seed in seeds
+        for method in methods
+    ]
+    rows = run_all(configs, output_dir, "results.json", jobs)
     table = markdown_table(rows, methods, reference if reference in methods else methods[0])
+    if sweep:
+        table += "\n" + sweep_table(sweep, chosen)
     atomic_write_text(output_dir / "results.md", table)
     plot_accuracy_vs_time(rows, output_dir / "accuracy_vs_time.png")
     mean_curves = {m: _mean_log([Path(r["run_dir"]) for r in rows if r["method"] == m]) for m in methods}
     plot_loss_curves(mean_curves, output_dir / "loss_curves.png")
-    return BenchResult(rows, table)
+    return BenchResult(rows, table, sweep)
 
 
 def _mean_log(run_dirs: list[Path]) -> list[dict]:
@@ -103,9 +194,9 @@ def markdown_table(rows: list[dict], methods: list[str], reference: str) -> str:
     by = {(r["method"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        f"| method | accuracy | eval loss | Δ accuracy vs {reference} | Δ eval loss vs {reference} | trainable params "
-        "(end / max) | wall time (s) | peak RSS (MiB) | allocation time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | lr | accuracy | eval loss | Δ accuracy vs {reference} | Δ eval loss vs {reference} "
+        "| trainable params (end / max) | wall time (s) | peak RSS (MiB) | allocation time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in methods:
         runs = [by[(method, s)] for s in seeds if (method, s) in by]
@@ -114,7 +205,8 @@ def markdown_table(rows: list[dict], methods: list[str], reference: str) -> str:
         delta_loss = [a["eval_loss"] - b["eval_loss"] for a, b in paired]
         alloc = [(r.get("calibration_time_s") or 0) + (r.get("scheduler_time_s") or 0) for r in runs]
         lines.append(
-            f"| {method} | {_mean_std([r['eval_accuracy'] for r in runs], '{:.3f}')} "
+            f"| {method} | {'/'.join(f'{lr:g}' for lr in dict.fromkeys(r.get('lr') or 0 for r in runs))} "
+            f"| {_mean_std([r['eval_accuracy'] for r in runs], '{:.3f}')} "
             f"| {_mean_std([r['eval_loss'] for r in runs], '{:.4f}')} "
             f"| {'—' if method == reference else _mean_std(delta_acc, '{:+.3f}')} "
             f"| {'—' if method == reference else _mean_std(delta_loss, '{:+.4f}')} "
@@ -126,6 +218,26 @@ def markdown_table(rows: list[dict], methods: list[str], reference: str) -> str:
     lines.append("")
     lines.append(f"Seeds: {', '.join(map(str, seeds))}; budget {rows[0]['budget_params']:,} parameters.")
     lines += [f"Measured with {text}" for text in dict.fromkeys(describe_provenance(r) for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(sweep: list[dict], chosen: dict[str, float]) -> str:
+    """The learning-rate sweep: validation accuracy / eval loss per method and rate, the chosen rate in bold."""
+    lrs = sorted({r["lr"] for r in sweep})
+    by = {(r["method"], r["lr"]): r for r in sweep}
+    lines = [
+        f"Learning-rate sweep (seed {sweep[0]['seed']}, validation split; cells: accuracy / eval loss; **chosen**):",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|" + "---|" * len(lrs),
+    ]
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        cells = []
+        for lr in lrs:
+            row = by.get((method, lr))
+            cell = "—" if row is None else f"{row['eval_accuracy']:.3f} / {row['eval_loss']:.4f}"
+            cells.append(f"**{cell}**" if chosen.get(method) == lr else cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,19 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+def _numbers(text: str, option: str, kind: type) -> list:
+    """A comma-separated list of numbers, or one clear error naming the option."""
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or (kind is float and not all(0 < v < float("inf") for v in values)):
+        raise ConfigError(
+            f"{option} expects comma-separated {'positive numbers' if kind is float else 'integers'}, got {text!r}"
+        )
+    return values
+
+
 def _config(path: Path | None, overrides: list[str] | None, **extra: object):
     from .config import load_config
 
@@ -200,7 +213,8 @@ def export(
 
 
 @app.command(
-    help="Run every method x seed on the same model, data order, steps, schedule and budget, one after another, and "
+    help="Run every method x seed on the same model, data order, steps, schedule and budget (with --lrs: at each "
+    "method's learning rate chosen on the validation split), and "
     "write results.json, a mean ± std markdown table (with per-seed differences against "
     f"{REFERENCE_METHOD}) and plots. Finished runs with an identical config are reused.\n\n"
     f"Methods:\n\n{describe_methods()}"
@@ -212,6 +226,15 @@ def bench(
     output_dir: Annotated[Path, typer.Option(help="Benchmark folder (runs, results.json, results.md, plots).")] = Path(
         "runs/bench"
     ),
+    lrs: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated learning rates: each method first trains at each of them on the first seed, scored "
+            "on the validation split (data.validation_samples), and runs its seeds at the one with the lowest "
+            "validation eval loss."
+        ),
+    ] = None,
+    jobs: Annotated[int, typer.Option(help="Runs trained at the same time (each its own process).", min=1)] = 1,
     set_: SetOption = None,
 ) -> None:
     with _user_errors():
@@ -221,11 +244,9 @@ def bench(
         unknown = sorted(set(chosen) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-        try:
-            seed_list = [int(s) for s in seeds.split(",")]
-        except ValueError:
-            raise ConfigError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
-        result = run_bench(_config(config, set_), chosen, seed_list, output_dir)
+        seed_list = _numbers(seeds, "--seeds", int)
+        lr_list = _numbers(lrs, "--lrs", float) if lrs else None
+        result = run_bench(_config(config, set_), chosen, seed_list, output_dir, lrs=lr_list, jobs=jobs)
         stdout.print(result.table)
         console.print(f"results in {output_dir}/results.json, results.md and plots")
 

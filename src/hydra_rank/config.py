@@ -28,6 +28,7 @@ SMOLLM2 = "builtin:smollm2"
 DEFAULT_SYSTEM_PROMPT = "Answer briefly."
 
 DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json", "hf-dataset")
+EVAL_SPLITS = ("test", "validation")
 SCHEDULE_INITS = ("warmup", "calibrated")
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,6 +51,10 @@ class DataConfig:
     image_root: str | None = None  # folder image paths are relative to (default: the data file's folder)
     train_samples: int | None = None  # use a random subset of this size (None: all)
     eval_samples: int | None = 200  # evaluate on the first N of a fixed shuffle (None: all)
+    # training samples held out (a fixed choice, never trained on) as a validation split for choosing
+    # hyper-parameters such as the learning rate; 0: none, training uses every sample
+    validation_samples: int = 0
+    eval_split: str = "test"  # test | validation: what eval scores (bench --lrs sweeps on validation)
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: whatever the chat template does by default
     max_length: int = 256
 
@@ -223,6 +228,12 @@ def validate(config: RunConfig) -> RunConfig:
         )
     if d.dataset == "hf-dataset":
         _require(bool(d.train_path), "data.dataset hf-dataset needs data.train_path (a datasets save_to_disk folder)")
+    _require(d.eval_split in EVAL_SPLITS, f"data.eval_split must be one of {EVAL_SPLITS}, got {d.eval_split!r}")
+    _require(d.validation_samples >= 0, f"data.validation_samples must be >= 0, got {d.validation_samples}")
+    _require(
+        d.eval_split != "validation" or d.validation_samples > 0,
+        "data.eval_split validation needs data.validation_samples > 0 (the training samples to hold out)",
+    )
     for key in ("train_samples", "eval_samples"):
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key} must be at least 1 (or null for all), got {value}")

@@ -7,6 +7,7 @@ same process would inherit the first one's peak RSS and warm caches), and a cras
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,15 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 
-def run_isolated(config: RunConfig, config_path: Path) -> dict:
-    """Write `config` to `config_path`, train it in a child process, and return its metrics."""
+def run_isolated(config: RunConfig, config_path: Path, threads: int | None = None) -> dict:
+    """Write `config` to `config_path`, train it in a child process (with `threads` intra-op threads, unless the
+    environment already sets OMP_NUM_THREADS), and return its metrics."""
     atomic_write_text(config_path, config.to_yaml())
     command = [sys.executable, "-m", "hydra_rank", "train", str(config_path), "--overwrite"]
-    completed = subprocess.run(command, check=False, stdout=subprocess.DEVNULL)  # its table: ours shows all runs
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    completed = subprocess.run(command, check=False, stdout=subprocess.DEVNULL, env=env)  # ours shows all runs
     if completed.returncode != 0:
         raise HydraError(
             f"training run {config_path} failed with exit status {completed.returncode}; its output is above"

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["ChatEncoder", "DataError", "EncodedDataset", "Sample", "collate", "load_samples"]
 
 EVAL_SHUFFLE_SEED = 1234  # fixed: every run, whatever its training seed, is scored on the same eval questions
+VALIDATION_SEED = 4321  # fixed: the validation split is the same training samples for every run and seed
 
 
 def _subset(samples: list[Sample], size: int | None, seed: int) -> list[Sample]:
@@ -28,8 +29,22 @@ def _subset(samples: list[Sample], size: int | None, seed: int) -> list[Sample]:
     return order if size is None else order[:size]
 
 
+def split_validation(train: list[Sample], size: int) -> tuple[list[Sample], list[Sample]]:
+    """(training samples without the validation split, the validation split): `size` training samples chosen by a
+    fixed shuffle, never trained on. The rest keep their order, so `size` 0 leaves training exactly as it was."""
+    if size > len(train) // 2:
+        raise DataError(
+            f"data.validation_samples={size} would hold out more than half of the {len(train)} training samples; "
+            "lower it"
+        )
+    chosen = set(random.Random(VALIDATION_SEED).sample(range(len(train)), size))
+    kept = [s for i, s in enumerate(train) if i not in chosen]
+    return kept, [train[i] for i in sorted(chosen)]
+
+
 def load_samples(config: DataConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(training samples in a seeded random order, evaluation samples: a fixed subset)."""
+    """(training samples in a seeded random order, evaluation samples: a fixed subset of the split that
+    `data.eval_split` names: the test set, or the validation samples held out of training)."""
     if config.dataset == "easy-vqa":
         train, held_out = easy_vqa.questions("train"), easy_vqa.questions("test")
     elif config.dataset in ("scenes", "text-tasks"):
@@ -41,7 +56,9 @@ def load_samples(config: DataConfig, seed: int) -> tuple[list[Sample], list[Samp
     else:
         train = load_json_samples(config.train_path, config.image_root)
         held_out = load_json_samples(config.eval_path, config.image_root)
-    return _subset(train, config.train_samples, seed), _subset(held_out, config.eval_samples, EVAL_SHUFFLE_SEED)
+    train, validation = split_validation(train, config.validation_samples)
+    evaluated = validation if config.eval_split == "validation" else held_out
+    return _subset(train, config.train_samples, seed), _subset(evaluated, config.eval_samples, EVAL_SHUFFLE_SEED)
 
 
 class EncodedDataset(Dataset):

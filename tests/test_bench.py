@@ -1,0 +1,70 @@
+"""The benchmark harness: learning rates chosen on the validation split, paired runs, reuse of finished runs."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from hydra_rank.bench import best_lrs, run_bench
+from hydra_rank.config import DataConfig, from_dict
+from hydra_rank.data import load_samples, split_validation
+from hydra_rank.errors import ConfigError, DataError
+
+from .test_train import tiny_config
+
+
+def test_validation_split_is_held_out_of_training_and_fixed():
+    plain = DataConfig(train_samples=None, eval_samples=None)
+    held = DataConfig(train_samples=None, eval_samples=None, validation_samples=50, eval_split="validation")
+    train, test = load_samples(plain, seed=0)
+    kept, validation = load_samples(held, seed=0)
+    assert len(validation) == 50 and len(kept) == len(train) - 50
+    assert Counter(map(repr, validation)) + Counter(map(repr, kept)) == Counter(map(repr, train))  # never trained on
+    assert validation == load_samples(held, seed=1)[1]  # the same split for every training seed
+    assert load_samples(DataConfig(eval_samples=None, validation_samples=50), seed=0)[1] == test  # test still test
+
+
+def test_validation_split_of_zero_leaves_training_untouched():
+    samples = list(range(10))
+    assert split_validation(samples, 0) == (samples, [])
+    kept, validation = split_validation(samples, 3)
+    assert kept == sorted(kept) and len(validation) == 3  # the rest keep their order
+    with pytest.raises(DataError, match="more than half"):
+        split_validation(samples, 6)
+
+
+def test_validation_eval_needs_held_out_samples():
+    with pytest.raises(ConfigError, match="validation_samples"):
+        from_dict({"data": {"eval_split": "validation"}})
+
+
+def test_best_lr_is_the_lowest_validation_loss():
+    sweep = [
+        {"method": "lora", "lr": 1e-3, "eval_loss": 0.5},
+        {"method": "lora", "lr": 2e-3, "eval_loss": 0.4},
+        {"method": "hydra", "lr": 1e-3, "eval_loss": 0.3},
+        {"method": "hydra", "lr": 2e-3, "eval_loss": 0.3},  # a tie goes to the smaller rate
+    ]
+    assert best_lrs(sweep) == {"lora": 2e-3, "hydra": 1e-3}
+
+
+def test_sweep_chooses_on_validation_and_reports_on_test(tiny_llava_dir, colour_dataset, tmp_path):
+    base = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "unused", max_steps=2)
+    with pytest.raises(ConfigError, match="validation_samples"):
+        run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-3])
+    data = base.to_dict()
+    data["data"]["validation_samples"] = 3
+    base = from_dict(data)
+    result = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2], jobs=2)
+    assert [(r["lr"], r["split"]) for r in result.sweep] == [(1e-4, "validation"), (3e-2, "validation")]
+    chosen = min(result.sweep, key=lambda r: r["eval_loss"])["lr"]
+    [row] = result.rows
+    assert (row["method"], row["seed"], row["lr"], row["split"]) == ("lora", 0, chosen, "test")
+    assert (row["dataset"], row["rank"]) == ("llava-json", 2) and row["peak_rss_mb"] > 0
+    assert "Learning-rate sweep" in result.table and "**" in result.table
+    saved = json.loads((tmp_path / "bench" / "sweep.json").read_text())
+    assert [r["lr"] for r in saved] == [1e-4, 3e-2]
+    metrics = tmp_path / "bench" / "lora-seed0" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    again = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2])
+    assert metrics.stat().st_mtime_ns == stamp and again.rows == result.rows  # finished runs are reused
