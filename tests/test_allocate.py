@@ -55,12 +55,15 @@ def test_budget_never_exceeded_and_bounds_hold(problem, mode):
     allowed = set(budget.ranks())
     assert all(rank in allowed for rank in allocation.ranks.values())
     assert list(allocation.ranks) == [t.name for t in targets]
+    assert all(allocation.ranks[t.name] <= max(t.width, budget.min_rank) for t in targets)
     if mode == "coarse":  # coarse-only keeps every module of a layer at the same rank
         for layer in {t.layer for t in targets}:
             assert len({allocation.ranks[t.name] for t in targets if t.layer == layer}) == 1
     if mode == "hierarchical":  # uses as much budget as the step sizes allow: no single further step fits
         leftover = budget.total - used
-        growable = [t for t in targets if allocation.ranks[t.name] < budget.max_rank]
+        growable = [
+            t for t in targets if allocation.ranks[t.name] + budget.granularity <= min(budget.max_rank, t.width)
+        ]
         assert all(budget.granularity * t.cost > leftover for t in growable)
     assert allocation == allocate(targets, utilities, budget, mode)  # deterministic
 

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from hydra_rank.bench import best_lrs, run_bench
+from hydra_rank.bench import best_lrs, run_bench, what_matters
 from hydra_rank.config import DataConfig, from_dict
 from hydra_rank.data import load_samples, split_validation
 from hydra_rank.errors import ConfigError, DataError
@@ -68,3 +68,12 @@ def test_sweep_chooses_on_validation_and_reports_on_test(tiny_llava_dir, colour_
     stamp = metrics.stat().st_mtime_ns
     again = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2])
     assert metrics.stat().st_mtime_ns == stamp and again.rows == result.rows  # finished runs are reused
+
+
+def test_reuse_ignores_only_what_cannot_change_the_result():
+    lora, hydra = (from_dict({"adapter": {"method": m}}).to_dict() for m in ("lora", "hydra"))
+    for config in (lora, hydra):
+        changed = {**config, "schedule": {**config["schedule"], "signal_steps": 7}}
+        assert (what_matters(changed) == what_matters(config)) is (config is lora)  # only hydra reads its schedule
+        other_lr = {**config, "train": {**config["train"], "lr": 1.0}}
+        assert what_matters(other_lr) != what_matters(config)

@@ -21,12 +21,14 @@ def test_what_each_method_implies():
         "hydra-coarse",
         "hydra-fine",
         "control-shuffled",
+        "eva",
     }
     assert names(lambda m: m.calibrates("calibrated", None)) == names(lambda m: m.calibrates("warmup", None)) | {
         "hydra"
     }
     assert names(lambda m: m.calibrates("calibrated", "allocation.json")) == set()  # a saved allocation replaces it
-    assert names(lambda m: m.allocates) == set(METHODS) - {"lora", "adalora", "full"}
+    assert names(lambda m: m.allocates) == set(METHODS) - {"lora", "rslora", "eva", "adalora", "full"}
+    assert names(lambda m: m.rslora) == {"rslora"}
     assert names(lambda m: m.in_trainer) == set(METHODS) - {"adalora", "full"}
     assert names(lambda m: m.dynamic) == {"hydra"}
     assert names(lambda m: m.resume_blocker is not None) == {"adalora"}

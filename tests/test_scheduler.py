@@ -1,5 +1,7 @@
 """Dynamic HyDRA: decision timing, capped moves, the performance model, and whole runs with many decisions."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -88,15 +90,44 @@ def hydra_runs(tiny_llava_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("hydra")
     dataset = write_colour_dataset(root / "data", count=16)
     results = []
-    for name in ("a", "b"):
+    for name, margin in (("a", 0.2), ("b", 0.2), ("stubborn", 1e9)):
         config = tiny_config(tiny_llava_dir, dataset, root / name, max_steps=12, grad_accum=2, debug_checks=True)
         config.adapter.method = "hydra"
         config.adapter.max_rank = 6
         config.schedule = ScheduleConfig(
-            warmup_fraction=0.1, interval_fraction=0.1, freeze_fraction=0.9, signal_steps=1, max_move_fraction=0.3
+            warmup_fraction=0.1,
+            interval_fraction=0.1,
+            freeze_fraction=0.9,
+            signal_steps=1,
+            max_move_fraction=0.3,
+            margin=margin,
         )
         results.append((config, run(config, show_progress=False)))
     return results
+
+
+def test_first_allocation_comes_from_a_model_fitted_on_the_warmup(hydra_runs):
+    """The warm-up's realised gains fit the performance model before the first allocation, so its predictions are
+    in loss units from the start (the energy prior alone predicted gradient energy: orders of magnitude off)."""
+    _, result = hydra_runs[0]
+    first, second = read_jsonl(result.output_dir / "allocation_history.jsonl")[:2]
+    assert first["fitted_on_warmup"] and first["perf_model"]["intercept"] != 0
+    ratio = first["predicted_gain"] / first["realised_gain"]
+    assert 0.1 < ratio < 10, ratio
+    assert second["predicted_gain_previous"] == pytest.approx(first["predicted_gain"])
+
+
+def test_margin_stops_exchanges_that_do_not_pay(hydra_runs):
+    """With a prohibitive margin only the first (free) allocation happens: later decisions may spend spare budget
+    but never take rank from one module to give it to another."""
+    (_, moving), _, (_, stubborn) = hydra_runs
+    for result, exchanges in ((moving, True), (stubborn, False)):
+        history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+        shrinks = [
+            any(now["ranks"][n] < before["ranks"][n] for n in now["ranks"])
+            for before, now in itertools.pairwise(history)
+        ]
+        assert any(shrinks) is exchanges
 
 
 def test_budget_holds_at_every_step_across_many_decisions(hydra_runs):
@@ -118,7 +149,7 @@ def test_budget_holds_at_every_step_across_many_decisions(hydra_runs):
 
 
 def test_decisions_are_deterministic_for_a_seed(hydra_runs):
-    (_, first), (_, second) = hydra_runs
+    (_, first), (_, second), _ = hydra_runs
     histories = [read_jsonl(r.output_dir / "allocation_history.jsonl") for r in (first, second)]
     assert [h["ranks"] for h in histories[0]] == [h["ranks"] for h in histories[1]]
     losses = [[r["loss"] for r in read_jsonl(x.output_dir / "log.jsonl")] for x in (first, second)]

@@ -12,6 +12,7 @@ from hydra_rank.data import ChatEncoder, collate, load_samples
 from hydra_rank.errors import ConfigError
 from hydra_rank.inputs import load_model
 from hydra_rank.rank.budget import Allocation, discover_targets
+from hydra_rank.rank.lora import lora_layers
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
@@ -121,6 +122,37 @@ def test_hydra_methods_train_within_budget_and_reload(method, tiny_llava_dir, co
     assert (result.output_dir / "allocation.png").stat().st_size > 5_000
 
     base, _ = load_model(config.model.name_or_path)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank(tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=1)
+    config.adapter.method = "rslora"
+    result = run(config, show_progress=False)
+    scales = [layer.scaling["default"] for layer in lora_layers(result.model).values()]
+    assert scales == pytest.approx([config.adapter.alpha / math.sqrt(config.adapter.rank)] * len(scales))
+    assert result.metrics["trainable_params"] == result.metrics["budget_params"]
+    saved = json.loads((result.output_dir / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True
+
+
+def test_eva_redistributes_ranks_from_activations_and_reloads(tiny_llava_dir, colour_dataset, tmp_path):
+    """PEFT EVA as a peer: A starts from the inputs' top singular vectors, ranks move between modules (r0 per module
+    on average, at most rho·r0), every module keeps the scale alpha/r0, and the adapter reloads in stock PEFT."""
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out", max_steps=2)
+    config.adapter.method = "eva"
+    config.adapter.calibration_batches = 2
+    result = run(config, show_progress=False)
+    ranks = Allocation.load(result.output_dir / "allocation.json").ranks
+    assert len(set(ranks.values())) > 1 and max(ranks.values()) <= 2 * config.adapter.rank
+    assert sum(ranks.values()) == config.adapter.rank * len(ranks)  # EVA's budget is counted in ranks
+    scales = [layer.scaling["default"] for layer in lora_layers(result.model).values()]
+    assert scales == pytest.approx([config.adapter.alpha / config.adapter.rank] * len(scales))
+    base, _ = load_model(config.model.name_or_path)
+    assert result.metrics["trainable_params"] == sum(ranks[t.name] * t.cost for t in discover_targets(base))
     reloaded = PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
     ids = torch.randint(0, 1000, (2, 7))
     with torch.no_grad():

@@ -16,14 +16,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, EvaConfig, LoraConfig, PeftModel, get_peft_model, initialize_lora_eva_weights
 from torch import nn
 
 from .loss import answer_loss
-from .methods import Trainable
+from .methods import Start, Trainable
 from .models.arch import decoder_layers
 from .rank.budget import Allocation, Budget, Target
-from .rank.lora import lora_patterns
+from .rank.lora import ADAPTER, lora_layers, lora_patterns
 from .rank.plan import initial_allocation, make_budget
 from .utils import unwrap_optimizer
 
@@ -69,15 +69,20 @@ def adapt(
         )
     if ranks is not None:
         allocation = Allocation(dict(ranks), budget.total, {"method": config.adapter.method, "resumed": True})
-        spectra = None
-    else:
-        allocation, spectra = initial_allocation(config, model, targets, budget, batches, show_progress)
+        return Adapted(attach_lora(model, config.adapter, allocation), budget, allocation)
+    allocation, spectra = initial_allocation(config, model, targets, budget, batches, show_progress)
+    if config.adapter.spec.start is Start.EVA:
+        lora = attach_eva(model, config.adapter, allocation, batches)
+        return Adapted(
+            lora, budget, Allocation(eva_ranks(lora, targets), budget.total, {"method": config.adapter.method})
+        )
     return Adapted(attach_lora(model, config.adapter, allocation), budget, allocation, spectra)
 
 
-def lora_config(config: AdapterConfig, allocation: Allocation) -> LoraConfig:
-    """Uniform LoRA at r0 is a plain config; any other allocation lists every module in the patterns."""
-    ranks = allocation.ranks
+def lora_config(config: AdapterConfig, allocation: Allocation, **extra: Any) -> LoraConfig:
+    """Uniform LoRA at r0 is a plain config; any other allocation lists every module in the patterns. A module at
+    rank 0 has no adapter at all (EVA can drop one)."""
+    ranks = {name: rank for name, rank in allocation.ranks.items() if rank > 0}
     uniform = all(rank == config.rank for rank in ranks.values())
     rank_pattern, alpha_pattern = lora_patterns({} if uniform else ranks, config.alpha, config.rank)
     return LoraConfig(
@@ -88,14 +93,41 @@ def lora_config(config: AdapterConfig, allocation: Allocation) -> LoraConfig:
         lora_dropout=config.dropout,
         target_modules=list(ranks),
         bias="none",
+        use_rslora=config.spec.rslora,
+        **extra,
     )
 
 
-def attach_lora(model: nn.Module, config: AdapterConfig, allocation: Allocation) -> PeftModel:
+def attach_lora(
+    model: nn.Module, config: AdapterConfig, allocation: Allocation, low_cpu_mem_usage: bool = False, **extra: Any
+) -> PeftModel:
     """Freeze the model and wrap it with trainable LoRA adapters of the allocated ranks."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return get_peft_model(model, lora_config(config, allocation))
+    return get_peft_model(model, lora_config(config, allocation, **extra), low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+EVA_RHO = 2.0  # PEFT's default: a module may end with up to 2·r0
+
+
+def attach_eva(
+    model: nn.Module, config: AdapterConfig, allocation: Allocation, batches: list[dict[str, torch.Tensor]]
+) -> PeftModel:
+    """PEFT EVA, the closest static peer of HyDRA's calibrated start: each module's A starts as the top right-singular
+    vectors of its inputs on the calibration batches, and ranks move to the modules whose inputs those directions
+    explain best (a total of r0 per module; PEFT rescales alpha so every module keeps the scale alpha/r0, our
+    convention). Every non-padding token counts, not only answer tokens: the adapters act on all of them, and short
+    answers alone would give too few rows for a stable SVD."""
+    eva = EvaConfig(rho=EVA_RHO, use_label_mask=False)
+    lora = attach_lora(model, config, allocation, True, init_lora_weights="eva", eva_config=eva)  # A made by EVA
+    initialize_lora_eva_weights(lora, dataloader=batches, show_progress_bar=False)
+    return lora
+
+
+def eva_ranks(model: PeftModel, targets: list[Target]) -> dict[str, int]:
+    """Every target's rank after EVA (0 where it removed the adapter)."""
+    layers = lora_layers(model)
+    return {t.name: layers[t.name].r[ADAPTER] if t.name in layers else 0 for t in targets}
 
 
 def trainable_parameters(model: nn.Module) -> int:

@@ -1,8 +1,8 @@
 """Benchmark harness: every method on the same base model, data order, steps, learning-rate schedule and budget.
 
 Each (method, seed) run trains in its own process (`runner.py`) one after another, so wall time and peak memory are
-each run's own. A run whose directory already holds metrics for the identical configuration is reused, so an
-interrupted benchmark continues where it stopped.
+each run's own. A run whose directory already holds metrics for the same configuration (every key that can change
+its result: `what_matters`) is reused, so an interrupted benchmark continues where it stopped.
 
 Learning rates are tuned, never guessed per method: with `lrs`, every method first trains once (on the first seed)
 at each learning rate, scored on the validation split (`data.validation_samples` training samples held out), and
@@ -29,9 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from .config import RunConfig, from_dict
 from .errors import ConfigError
-from .methods import REFERENCE_METHOD
+from .methods import REFERENCE_METHOD, get_method
 from .report import plot_loss_curves
 from .runner import run_isolated
 from .utils import atomic_write_text, read_jsonl, write_json
@@ -77,12 +79,24 @@ def method_config(
     return from_dict(data)
 
 
+def what_matters(config: dict) -> dict:
+    """The part of a config (as a dict) that can change a run's result: the scheduler's keys only matter to a
+    dynamic method, so a finished LoRA run stays reusable when only HyDRA's schedule (or its defaults) change."""
+    relevant = {key: value for key, value in config.items() if key != "schedule"}
+    if get_method(config["adapter"]["method"]).dynamic:
+        relevant["schedule"] = config["schedule"]
+    return relevant
+
+
 def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None) -> dict:
-    """The run's metrics: from its folder when it already finished with exactly this configuration, else trained."""
+    """The run's metrics: from its folder when it already finished with the same configuration (in every key that
+    can change its result), else trained."""
     run_dir = Path(config.train.output_dir)
     previous = run_dir / "config.yaml"
-    if (run_dir / "metrics.json").is_file() and previous.is_file() and previous.read_text() == config.to_yaml():
-        return json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / "metrics.json").is_file() and previous.is_file():
+        finished = yaml.safe_load(previous.read_text(encoding="utf-8"))
+        if what_matters(finished) == what_matters(config.to_dict()):
+            return json.loads((run_dir / "metrics.json").read_text())
     return run_isolated(config, config_path, threads)
 
 

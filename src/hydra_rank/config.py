@@ -71,14 +71,14 @@ class AdapterConfig:
     towers: list[str] = field(default_factory=lambda: ["language"])
     budget_params: int | None = None  # hydra methods: explicit parameter budget instead of uniform LoRA's size
     min_rank: int = 1
-    max_rank: int | None = None  # None: 4 x rank
+    max_rank: int | None = None  # None: 8 x rank (and never above a module's width, min(d_in, d_out))
     rank_granularity: int = 1  # ranks are min_rank + k x granularity (e.g. 4 for kernel-friendly shapes)
     calibration_batches: int = 4  # batches whose gradient spectra drive the initial allocation
     allocation_path: str | None = None  # use this allocation.json (from `hydra-rank allocate`) instead of calibrating
 
     @property
     def upper_rank(self) -> int:
-        return self.max_rank if self.max_rank is not None else 4 * self.rank
+        return self.max_rank if self.max_rank is not None else 8 * self.rank
 
     @property
     def spec(self) -> Method:
@@ -95,10 +95,8 @@ class ScheduleConfig:
     interval_fraction: float = 0.1  # then one decision per interval...
     freeze_fraction: float = 0.7  # ...until here; the ranks stay fixed afterwards
     max_move_fraction: float = 0.15  # at most this share of the budget changes hands per decision (not the first)
-    # meant: a rank moves only if the receiver's predicted gain/param beats the giver's loss by this factor; NOT yet
-    # passed to the scheduler's moves, so it changes nothing today (docs/design.md, Optimizer state)
-    margin: float = 0.2
-    signal_steps: int = 1  # steps before each decision whose gradients are sketched
+    margin: float = 0.2  # a rank moves only if the receiver's predicted gain/param beats the giver's loss by 1 + this
+    signal_steps: int = 3  # steps before each decision whose gradients are sketched (more: less noisy spectra)
     resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
 
 

@@ -36,6 +36,7 @@ class Start(Enum):
     CALIBRATED = "calibration-gradient spectra, then the allocation solver"
     SHUFFLED = "calibrated, then the ranks shuffled among modules of equal cost"
     PRIOR = "a fixed type prior (attention low, MLP high), no measurement"
+    EVA = "PEFT EVA: SVD of calibration activations (ranks by explained variance, count r0 per module on average)"
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,16 @@ class Method:
     start: Start | None = Start.UNIFORM  # None: not an allocation of LoRA ranks (AdaLoRA, full fine-tuning)
     mode: str = "hierarchical"  # allocation solver mode for a calibrated start and for decisions
     dynamic: bool = False  # the HyDRA scheduler re-allocates ranks during training
+    rslora: bool = False  # scale updates by alpha/sqrt(r) (PEFT use_rslora) instead of alpha/r0
     output: str = "adapter"  # folder of the run directory the trained weights are saved to
     resume_blocker: str | None = None  # why `train --resume` cannot work for this method, if it cannot
 
     @property
     def allocates(self) -> bool:
         """Ranks come from an allocator, so `adapter.budget_params`, `adapter.allocation_path` and the rank bounds
-        apply. Otherwise the budget is uniform LoRA's size at r0, pinned to rank r0."""
-        return self.start not in (None, Start.UNIFORM)
+        apply. Otherwise the budget is uniform LoRA's size at r0, pinned to rank r0 (EVA redistributes ranks by its
+        own rule, counted in ranks, so its parameter count can differ from the budget: benchmarks report it)."""
+        return self.start not in (None, Start.UNIFORM, Start.EVA)
 
     @property
     def in_trainer(self) -> bool:
@@ -64,7 +67,7 @@ class Method:
         """Whether the run starts with calibration batches (a saved allocation replaces them)."""
         if allocation_path:
             return False
-        return self.start in (Start.CALIBRATED, Start.SHUFFLED) or (
+        return self.start in (Start.CALIBRATED, Start.SHUFFLED, Start.EVA) or (
             self.start is Start.WARMUP and schedule_init == "calibrated"
         )
 
@@ -79,6 +82,14 @@ METHODS: dict[str, Method] = {
             dynamic=True,
         ),
         Method("lora", "uniform LoRA at rank r0: the baseline whose size is the budget"),
+        Method(
+            "rslora", "uniform rsLoRA at rank r0: LoRA with PEFT's rank-stabilised scale alpha/sqrt(r0)", rslora=True
+        ),
+        Method(
+            "eva",
+            "PEFT EVA: LoRA initialised from activation SVDs, ranks redistributed by explained variance (rho 2)",
+            start=Start.EVA,
+        ),
         Method("hydra-static", "coarse + fine allocation from calibration, fixed", start=Start.CALIBRATED),
         Method(
             "hydra-coarse",

@@ -93,6 +93,9 @@ def open_run(config: RunConfig, overwrite: bool, resume: bool) -> tuple[Accelera
     return accelerator, state
 
 
+APPEND_ONLY_LOGS = ("log.jsonl", "allocation_history.jsonl")
+
+
 def prepare_output_dir(path: Path, overwrite: bool) -> Path:
     """Create the run directory; refuse to write into a previous run's results unless asked to replace them."""
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -101,7 +104,8 @@ def prepare_output_dir(path: Path, overwrite: bool) -> Path:
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "log.jsonl").unlink(missing_ok=True)
+        for log in APPEND_ONLY_LOGS:  # a replaced run's logs must not run on into the new one's
+            (path / log).unlink(missing_ok=True)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()

@@ -60,6 +60,8 @@ def greedy(items: list[list[Step]], budget: float) -> list[tuple[int, int]]:
 
 
 def _module_steps(target: Target, utility: np.ndarray, ranks: list[int]) -> list[Step]:
+    """A module's steps up the rank lattice, never past its width (a rank above min(d_in, d_out) adds nothing)."""
+    ranks = [r for r in ranks if r <= target.width] or ranks[:1]
     return [
         Step(target.cost * (high - low), float(utility[high] - utility[low]), ((target.name, high),))
         for low, high in pairwise(ranks)
@@ -76,7 +78,7 @@ def _layer_uniform_steps(layer: list[Target], utilities: dict[str, np.ndarray], 
     per_module = [_module_steps(t, utilities[t.name], ranks) for t in layer]
     return [
         Step(sum(s.cost for s in column), sum(s.gain for s in column), tuple(c for s in column for c in s.changes))
-        for column in zip(*per_module, strict=True)
+        for column in zip(*per_module, strict=False)  # to the narrowest module's width: ranks rise together
     ]
 
 

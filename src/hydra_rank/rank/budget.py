@@ -36,6 +36,11 @@ class Target:
         """Parameters per unit of rank."""
         return self.d_in + self.d_out
 
+    @property
+    def width(self) -> int:
+        """The highest rank that can change the module's update: min(d_in, d_out)."""
+        return min(self.d_in, self.d_out)
+
 
 def discover_targets(
     model: nn.Module, module_names: list[str] | None = None, towers: tuple[str, ...] | list[str] = ("language",)

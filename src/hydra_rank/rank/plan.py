@@ -97,7 +97,7 @@ def initial_allocation(
 ) -> tuple[Allocation, dict[str, ModuleSpectrum] | None]:
     """The allocation a LoRA method starts from, and the calibration spectra when it has them."""
     adapter, start = config.adapter, config.adapter.spec.start
-    if start is Start.UNIFORM:
+    if start in (Start.UNIFORM, Start.EVA):  # EVA redistributes the uniform ranks itself (`adapter.py`)
         return Allocation.uniform(targets, adapter.rank), None
     budget.check_feasible(targets)
     if adapter.allocation_path:

@@ -13,8 +13,10 @@ from its own parameter updates (optimizer hooks). At a decision the scheduler
    performance model on it (`perf_model.py`);
 2. predicts every module's gain at every rank and solves the hierarchical allocation (coarse: layer budgets, fine:
    module ranks; `allocate.py`) under the same parameter budget;
-3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget (the first
-   decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation);
+3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget, and only where
+   the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`
+   (the first decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a
+   model already fitted on what every module realised during the warm-up);
 4. resizes the affected adapters in place (`resize.py`) and tells the loop to re-bind the optimizer;
 5. appends the decision to `allocation_history.jsonl`.
 
@@ -181,6 +183,13 @@ class HydraScheduler:
             entry["per_module"] = {"predicted": predicted.tolist(), "realised": self.realised.tolist()}
             self.spearmans.append(entry["spearman"])
             self.perf_model.fit(features, self.realised.copy())
+        elif self.realised.any():
+            # After a uniform warm-up there is no prediction to score, but what each module removed from the loss at
+            # rank r0 is already measured: the first allocation comes from a model fitted on it (in loss units),
+            # not from the energy prior alone, so later decisions need not undo it.
+            self.perf_model.fit(self._predict(curves, self.allocation)[0], self.realised.copy())
+            entry["fitted_on_warmup"] = True
+            entry["realised_gain"] = float(self.realised.sum())
         self.realised[:] = 0.0
         utilities = dict(zip(self.names, self.perf_model.utilities(curves), strict=True))
         self.seconds["perf_model"] += time.perf_counter() - tick
@@ -198,6 +207,7 @@ class HydraScheduler:
                 utilities,
                 self.budget,
                 self.config.max_move_fraction * self.budget.total,
+                self.config.margin,
             )
         self.seconds["allocate"] += time.perf_counter() - tick
 
