@@ -34,7 +34,7 @@ def problems(draw):
     layers = draw(st.integers(1, 5))
     shapes = draw(st.lists(st.tuples(st.integers(2, 64), st.integers(2, 64)), min_size=1, max_size=len(KINDS)))
     targets = make_targets(layers, shapes)
-    min_rank = draw(st.integers(1, 3))
+    min_rank = draw(st.integers(0, 3))
     granularity = draw(st.integers(1, 4))
     max_rank = min_rank + granularity * draw(st.integers(0, 6))
     floor = min_rank * sum(t.cost for t in targets)
@@ -127,8 +127,8 @@ def test_budget_too_small_for_min_ranks_is_a_clear_error():
     targets = make_targets(2, [(8, 8)])
     with pytest.raises(ConfigError, match="below the 64 that min_rank=2"):
         allocate(targets, {t.name: np.zeros(5) for t in targets}, Budget(40, min_rank=2, max_rank=4))
-    with pytest.raises(ConfigError, match="min_rank must be at least 1"):
-        Budget(100, min_rank=0)
+    with pytest.raises(ConfigError, match="min_rank must be at least 0"):
+        Budget(100, min_rank=-1)
 
 
 def test_greedy_closes_an_item_whose_next_step_does_not_fit():

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from hydra_rank.bench import best_lrs, run_bench, what_matters
-from hydra_rank.config import DataConfig, from_dict
+from hydra_rank.bench import best_lrs, run_all, run_bench, what_matters
+from hydra_rank.config import DataConfig, from_dict, load_config
 from hydra_rank.data import load_samples, split_validation
 from hydra_rank.errors import ConfigError, DataError
 
@@ -68,6 +68,9 @@ def test_sweep_chooses_on_validation_and_reports_on_test(tiny_llava_dir, colour_
     stamp = metrics.stat().st_mtime_ns
     again = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2])
     assert metrics.stat().st_mtime_ns == stamp and again.rows == result.rows  # finished runs are reused
+    config = load_config(metrics.parent / "config.yaml")  # the finished run's own config: reusable as it is
+    [fresh] = run_all([config], tmp_path / "bench", "demo.json", jobs=1, reuse=False)  # the demo always trains
+    assert metrics.stat().st_mtime_ns != stamp and fresh["eval_loss"] > 0
 
 
 def test_reuse_ignores_only_what_cannot_change_the_result():

@@ -25,6 +25,7 @@ from .models.arch import decoder_layers
 from .rank.budget import Allocation, Budget, Target
 from .rank.lora import ADAPTER, lora_layers, lora_patterns
 from .rank.plan import initial_allocation, make_budget
+from .rank.resize import apply_allocation
 from .utils import unwrap_optimizer
 
 if TYPE_CHECKING:
@@ -81,8 +82,10 @@ def adapt(
 
 def lora_config(config: AdapterConfig, allocation: Allocation, **extra: Any) -> LoraConfig:
     """Uniform LoRA at r0 is a plain config; any other allocation lists every module in the patterns. A module at
-    rank 0 has no adapter at all (EVA can drop one)."""
-    ranks = {name: rank for name, rank in allocation.ranks.items() if rank > 0}
+    rank 0 has no adapter at all (EVA or a static allocation dropped it), except under a dynamic method, where it is
+    created at rank 1 and emptied by `attach_lora` so that it can grow again."""
+    keep = config.spec.dynamic
+    ranks = {name: max(rank, 1) for name, rank in allocation.ranks.items() if rank > 0 or keep}
     uniform = all(rank == config.rank for rank in ranks.values())
     rank_pattern, alpha_pattern = lora_patterns({} if uniform else ranks, config.alpha, config.rank)
     return LoraConfig(
@@ -104,7 +107,10 @@ def attach_lora(
     """Freeze the model and wrap it with trainable LoRA adapters of the allocated ranks."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return get_peft_model(model, lora_config(config, allocation, **extra), low_cpu_mem_usage=low_cpu_mem_usage)
+    lora = get_peft_model(model, lora_config(config, allocation, **extra), low_cpu_mem_usage=low_cpu_mem_usage)
+    if config.spec.dynamic and 0 in allocation.ranks.values():
+        apply_allocation(lora, allocation)  # the rank-0 placeholders lose their parameters
+    return lora
 
 
 EVA_RHO = 2.0  # PEFT's default: a module may end with up to 2·r0

@@ -88,12 +88,12 @@ def what_matters(config: dict) -> dict:
     return relevant
 
 
-def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None) -> dict:
+def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None, reuse: bool = True) -> dict:
     """The run's metrics: from its folder when it already finished with the same configuration (in every key that
-    can change its result), else trained."""
+    can change its result) and `reuse` allows it, else trained."""
     run_dir = Path(config.train.output_dir)
     previous = run_dir / "config.yaml"
-    if (run_dir / "metrics.json").is_file() and previous.is_file():
+    if reuse and (run_dir / "metrics.json").is_file() and previous.is_file():
         finished = yaml.safe_load(previous.read_text(encoding="utf-8"))
         if what_matters(finished) == what_matters(config.to_dict()):
             return json.loads((run_dir / "metrics.json").read_text())
@@ -113,7 +113,7 @@ def _row(config: RunConfig, metrics: dict) -> dict:
     }
 
 
-def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int) -> list[dict]:
+def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int, reuse: bool = True) -> list[dict]:
     """Train (or reuse) every config, `jobs` at a time, each in its own process; rows in the configs' order.
     `results` (a JSON file in `output_dir`) is rewritten as runs finish, so partial results survive a crash.
     Parallel runs share the cores (one thread each on two cores by default), so their wall times are comparable with
@@ -124,7 +124,7 @@ def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int)
     def one(index: int) -> None:
         config = configs[index]
         config_path = output_dir / "configs" / f"{Path(config.train.output_dir).name}.yaml"
-        rows[index] = _row(config, run_or_reuse(config, config_path, threads))
+        rows[index] = _row(config, run_or_reuse(config, config_path, threads, reuse))
         with lock:
             write_json(output_dir / results, [row for row in rows if row is not None])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -143,20 +144,22 @@ def demo(
     """The embedded default: uniform LoRA and HyDRA at the same parameter budget (uniform rank 4) on the built-in tiny
     VLM and easy-VQA; prints a side-by-side table and writes a report."""
     with _user_errors():
+        from .bench import run_all
         from .report import write_report
-        from .runner import run_isolated
 
         started = time.perf_counter()
-        runs, rows = {}, []
-        for method in DEMO_METHODS:
-            cfg = _config(
+        configs = [
+            _config(
                 None,
                 [f"adapter.method={method}"],
                 **{"train.output_dir": str(output_dir / method), "train.max_steps": max_steps},
             )
-            console.rule(f"[bold]{method}")
-            rows.append(run_isolated(cfg, output_dir / "configs" / f"{method}.yaml"))
-            runs[method] = output_dir / method
+            for method in DEMO_METHODS
+        ]
+        jobs = max(1, min(len(configs), os.cpu_count() or 1))
+        console.print(f"training {', '.join(DEMO_METHODS)} side by side ({jobs} at a time, each in its own process)")
+        rows = run_all(configs, output_dir, "results.json", jobs, reuse=False)
+        runs = {method: output_dir / method for method in DEMO_METHODS}
         report = write_report(output_dir, runs, title="hydra-rank demo: uniform LoRA vs HyDRA, tiny VLM on easy-VQA")
         _print_results(rows)
         console.print(f"report: {report}  (demo took {time.perf_counter() - started:.0f} s)")

@@ -70,7 +70,7 @@ class AdapterConfig:
     # the budget (uniform LoRA at rank r0 on all of them) is then split across towers by the allocator
     towers: list[str] = field(default_factory=lambda: ["language"])
     budget_params: int | None = None  # hydra methods: explicit parameter budget instead of uniform LoRA's size
-    min_rank: int = 1
+    min_rank: int = 1  # 0 lets a module lose its adapter entirely (its parameters are spent elsewhere)
     max_rank: int | None = None  # None: 8 x rank (and never above a module's width, min(d_in, d_out))
     rank_granularity: int = 1  # ranks are min_rank + k x granularity (e.g. 4 for kernel-friendly shapes)
     calibration_batches: int = 4  # batches whose gradient spectra drive the initial allocation
@@ -244,7 +244,7 @@ def validate(config: RunConfig) -> RunConfig:
         a.target_modules is None or len(a.target_modules) > 0, "adapter.target_modules is empty; use null for all"
     )
     _require(bool(a.towers) and set(a.towers) <= set(TOWERS), f"adapter.towers must be a non-empty subset of {TOWERS}")
-    _require(a.min_rank >= 1, f"adapter.min_rank must be at least 1, got {a.min_rank}")
+    _require(a.min_rank >= 0, f"adapter.min_rank must be at least 0, got {a.min_rank}")
     _require(a.rank_granularity >= 1, f"adapter.rank_granularity must be at least 1, got {a.rank_granularity}")
     _require(a.upper_rank >= a.min_rank, f"adapter.max_rank ({a.upper_rank}) is below adapter.min_rank ({a.min_rank})")
     _require(

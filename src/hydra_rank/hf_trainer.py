@@ -38,6 +38,7 @@ from .errors import ConfigError, HydraError
 from .loop import rebind_optimizer
 from .methods import METHODS
 from .rank.budget import Target, discover_targets
+from .rank.lora import strip_empty
 from .rank.plan import calibration_batch_count, calibration_indices
 from .rank.scheduler import HydraScheduler
 from .report import save_allocation
@@ -130,6 +131,8 @@ class HydraCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.scheduler is not None:
             self.scheduler.close()
+        if self.adapted.allocation is not None:
+            strip_empty(self.adapted.model)  # so that trainer.save_model() writes a stock PEFT adapter
         if self.history_dir is not None and self.adapted.allocation is not None:
             final = self.scheduler.allocation if self.scheduler is not None else self.adapted.allocation
             save_allocation(final, self.targets, self.history_dir, f"{self.config.adapter.method} ranks (end)")

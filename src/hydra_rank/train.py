@@ -46,6 +46,7 @@ from .errors import ConfigError, HydraError
 from .evaluate import evaluate_configured, mean_answer_loss
 from .inputs import RunInputs, load_inputs
 from .loop import NonFiniteLoss, StepHooks, WarmupCosine, batches_forever, optimize
+from .rank.lora import strip_empty
 from .rank.plan import calibration_batch_count, calibration_batches
 from .rank.scheduler import HydraScheduler
 from .report import save_allocation, write_report
@@ -412,6 +413,8 @@ def finish(session: Session, hooks: Hooks, train_seconds: float, started: float)
     targets = session.inputs.targets
     if accelerator.is_main_process:
         if config.train.save:
+            if final is not None:
+                strip_empty(model)  # rank-0 modules are not targets in a stock PEFT adapter
             with atomic_directory(session.out / config.adapter.spec.output) as staging:
                 model.save_pretrained(staging, safe_serialization=True)
         if final is not None:

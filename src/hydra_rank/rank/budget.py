@@ -87,8 +87,8 @@ class Budget:
     granularity: int = 1
 
     def __post_init__(self) -> None:
-        if self.min_rank < 1:
-            raise ConfigError(f"adapter.min_rank must be at least 1, got {self.min_rank}")
+        if self.min_rank < 0:
+            raise ConfigError(f"adapter.min_rank must be at least 0, got {self.min_rank}")
         if self.granularity < 1:
             raise ConfigError(f"adapter.rank_granularity must be at least 1, got {self.granularity}")
         if self.max_rank < self.min_rank:

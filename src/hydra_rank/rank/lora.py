@@ -38,3 +38,21 @@ def lora_patterns(ranks: dict[str, int], alpha: float, r0: int) -> tuple[dict[st
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
     """LoRA layers by full module name (as in `Target.name`)."""
     return {name: module for name, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def strip_empty(model: PeftModel) -> list[str]:
+    """Give every rank-0 module back its base layer and drop it from the PEFT config, so that the adapter saves as
+    stock PEFT (which has no rank 0: such a module is simply not a target). Returns their names. Only for a model
+    whose training is over: a stripped module can no longer grow."""
+    root = model.base_model.model
+    emptied = [name for name, layer in lora_layers(model).items() if layer.r[ADAPTER] == 0]
+    for name in emptied:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent), child, root.get_submodule(name).get_base_layer())
+    if emptied:
+        config = model.peft_config[ADAPTER]
+        keys = {pattern_key(name) for name in emptied}
+        config.target_modules = type(config.target_modules)(n for n in config.target_modules if n not in emptied)
+        config.rank_pattern = {k: v for k, v in config.rank_pattern.items() if k not in keys}
+        config.alpha_pattern = {k: v for k, v in config.alpha_pattern.items() if k not in keys}
+    return emptied

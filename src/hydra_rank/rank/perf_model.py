@@ -78,14 +78,17 @@ class PerfModel:
 
     def features(self, energy: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         """Rows of x_m(r) for one rank per module: `energy[m]` = E_m(r_m), `ranks[m]` = r_m."""
-        log_energy = np.log(np.maximum(energy, ENERGY_FLOOR))
-        return np.column_stack([log_energy, np.log(ranks), self.depths, self.kind_onehot])
+        log_energy = np.log(np.maximum(energy, ENERGY_FLOOR))  # rank 0 (no adapter) is never predicted from these
+        return np.column_stack([log_energy, np.log(np.maximum(ranks, 1)), self.depths, self.kind_onehot])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.exp(self.intercept + x @ self.weights)
 
-    def fit(self, x: np.ndarray, realised: np.ndarray) -> None:
-        """Add one interval (features at decision time, realised gains since) and refit on the kept intervals."""
+    def fit(self, x: np.ndarray, realised: np.ndarray, active: np.ndarray | None = None) -> None:
+        """Add one interval (features at decision time, realised gains since) and refit on the kept intervals. Only
+        `active` modules count (default: all): one at rank 0 had no parameters, so it could not realise anything."""
+        if active is not None:
+            x, realised = x[active], realised[active]
         floor = max(1e-12, 1e-3 * float(np.median(np.abs(realised))))
         y = np.log(np.maximum(realised, floor))  # a module that did not help is "tiny", not undefined
         self._intervals.append((x, y))

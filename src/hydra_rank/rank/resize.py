@@ -7,6 +7,9 @@
 - Growing (k > r) keeps A and B exactly and appends A rows orthogonal to the existing ones (the top gradient input
   directions not yet covered, when given, else random; RMS norm c) with zero B columns: ΔW and the layer's output are
   unchanged, and the new directions start learning from the next step.
+- Rank 0 is a module without adapter parameters (empty A and B: its update is zero); it keeps its LoRA wrapper during
+  training so that its gradient is still sketched and it can grow again. `strip_empty` removes such wrappers before
+  the adapter is saved, so the saved adapter is stock PEFT (which has no rank 0).
 
 The scale s = alpha/r0 is the same for every module (see `lora.py`), so a resize changes `r` and
 `lora_alpha = s·r` but never `scaling`.
@@ -93,11 +96,12 @@ def resize_layer(
     old parameters leave the optimizer, and the loop's re-bind adds the new ones with fresh state and a warm-up.
     """
     old_rank = layer.r[ADAPTER]
-    if new_rank < 1:
+    if new_rank < 0:
         raise ValueError(f"cannot resize {name} to rank {new_rank}")
     weight_a, weight_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
     a, b = weight_a.double(), weight_b.double()
-    scale = float(a.norm() / old_rank**0.5) or (1.0 / (3 * a.shape[1])) ** 0.5
+    # the RMS row norm new A rows get; a module grown from rank 0 has none, so it gets PEFT's initial one
+    scale = (float(a.norm() / old_rank**0.5) if old_rank else 0.0) or (1.0 / (3 * a.shape[1])) ** 0.5
     if new_rank > old_rank:  # grow: keep A and B exactly, append orthogonal A rows and zero B columns
         row_space, _ = torch.linalg.qr(a.T)
         generator = generator or torch.Generator().manual_seed(0)
@@ -115,7 +119,7 @@ def resize_layer(
     layer.lora_A[ADAPTER] = _linear(new_a, weight_a)
     layer.lora_B[ADAPTER] = _linear(new_b, weight_b)
     if optimizer is not None:
-        grown = new_rank > old_rank
+        grown = new_rank > old_rank > 0  # from rank 0 there is no state to carry: fresh moments and the LR ramp
         carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
         carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None)
     scaling = layer.scaling[ADAPTER]
@@ -158,10 +162,13 @@ def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Par
 
 
 def _linear(weight: torch.Tensor, like: nn.Parameter) -> nn.Linear:
-    """A bias-free linear holding `weight` with the dtype, device and trainability of `like`."""
-    module = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=like.device, dtype=like.dtype)
-    module.weight.data.copy_(weight.to(like.dtype))
-    module.weight.requires_grad_(like.requires_grad)
+    """A bias-free linear holding a copy of `weight` with the dtype, device and trainability of `like`. Built on the
+    meta device and given its weight afterwards: nothing is initialised only to be overwritten, and an empty weight
+    (rank 0) needs no special case."""
+    module = nn.Linear(1, 1, bias=False, device="meta")
+    module.out_features, module.in_features = weight.shape
+    copy = weight.to(like.device, like.dtype, copy=True, memory_format=torch.contiguous_format)  # as if loaded
+    module.weight = nn.Parameter(copy, requires_grad=like.requires_grad)
     return module
 
 

@@ -159,9 +159,11 @@ class HydraScheduler:
         return np.stack([spectra[name].utility(self.budget.max_rank) for name in self.names])
 
     def _predict(self, curves: np.ndarray, allocation: Allocation) -> tuple[np.ndarray, np.ndarray]:
+        """Features of every module at its rank in `allocation`, and its predicted gain: 0 at rank 0 (no adapter),
+        which is also how `_decide` tells later which modules could realise anything."""
         ranks = np.array([allocation.ranks[name] for name in self.names], dtype=np.float64)
         x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks)
-        return x, self.perf_model.predict(x)
+        return x, np.where(ranks > 0, self.perf_model.predict(x), 0.0)
 
     def _decide(self, step: int, record: dict[str, Any]) -> bool:
         started = time.perf_counter()
@@ -182,12 +184,13 @@ class HydraScheduler:
             entry["realised_gain"] = float(self.realised.sum())
             entry["per_module"] = {"predicted": predicted.tolist(), "realised": self.realised.tolist()}
             self.spearmans.append(entry["spearman"])
-            self.perf_model.fit(features, self.realised.copy())
+            self.perf_model.fit(features, self.realised.copy(), active=predicted > 0)
         elif self.realised.any():
             # After a uniform warm-up there is no prediction to score, but what each module removed from the loss at
             # rank r0 is already measured: the first allocation comes from a model fitted on it (in loss units),
             # not from the energy prior alone, so later decisions need not undo it.
-            self.perf_model.fit(self._predict(curves, self.allocation)[0], self.realised.copy())
+            features, predicted = self._predict(curves, self.allocation)
+            self.perf_model.fit(features, self.realised.copy(), active=predicted > 0)
             entry["fitted_on_warmup"] = True
             entry["realised_gain"] = float(self.realised.sum())
         self.realised[:] = 0.0
