@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from hydra_rank.bench import best_lrs, run_all, run_bench, what_matters
+from hydra_rank.bench import best_lrs, run_all, run_bench, sweep_configs, sweep_table, what_matters
 from hydra_rank.config import DataConfig, from_dict, load_config
 from hydra_rank.data import load_samples, split_validation
 from hydra_rank.errors import ConfigError, DataError
@@ -80,3 +80,20 @@ def test_reuse_ignores_only_what_cannot_change_the_result():
         assert (what_matters(changed) == what_matters(config)) is (config is lora)  # only hydra reads its schedule
         other_lr = {**config, "train": {**config["train"], "lr": 1.0}}
         assert what_matters(other_lr) != what_matters(config)
+
+
+def test_full_fine_tuning_sweeps_a_lower_grid(tmp_path):
+    base = from_dict({"data": {"validation_samples": 10}})
+    configs = sweep_configs(base, ["lora", "full"], [1e-3, 2e-3], 0, tmp_path)
+    assert [(c.adapter.method, c.train.lr, c.data.eval_split) for c in configs] == [
+        ("lora", 1e-3, "validation"),
+        ("lora", 2e-3, "validation"),
+        ("full", pytest.approx(1e-5), "validation"),
+        ("full", pytest.approx(2e-5), "validation"),
+    ]
+    rows = [
+        {"method": c.adapter.method, "lr": c.train.lr, "seed": 0, "eval_accuracy": 0.5, "eval_loss": loss}
+        for c, loss in zip(configs, [0.4, 0.3, 0.2, 0.5], strict=True)
+    ]
+    table = sweep_table(rows, best_lrs(rows))
+    assert "**0.002: 0.500 / 0.3000**" in table and "**1e-05: 0.500 / 0.2000**" in table

@@ -138,18 +138,23 @@ def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int,
 def sweep_lrs(
     base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path, jobs: int = 1
 ) -> list[dict]:
-    """Every method at every learning rate on `seed`, scored on the validation split."""
+    """Every method at every learning rate on `seed` (times the method's `lr_scale`: full fine-tuning moves every
+    weight, so its grid sits lower), scored on the validation split."""
     if base.data.validation_samples < 1:
         raise ConfigError(
             "bench --lrs chooses learning rates on a validation split: set data.validation_samples (e.g. 300) in "
             "the config or with --set"
         )
-    configs = [
+    return run_all(sweep_configs(base, methods, lrs, seed, output_dir), output_dir, "sweep.json", jobs)
+
+
+def sweep_configs(base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path) -> list:
+    """The sweep's runs: each method at each rate of the grid times its `lr_scale`, on the validation split."""
+    return [
         method_config(base, method, seed, output_dir / "sweep" / f"{method}-lr{lr:g}", lr, "validation")
         for method in methods
-        for lr in lrs
+        for lr in (rate * get_method(method).lr_scale for rate in lrs)
     ]
-    return run_all(configs, output_dir, "sweep.json", jobs)
 
 
 def best_lrs(sweep: list[dict]) -> dict[str, float]:
@@ -236,22 +241,23 @@ def markdown_table(rows: list[dict], methods: list[str], reference: str) -> str:
 
 
 def sweep_table(sweep: list[dict], chosen: dict[str, float]) -> str:
-    """The learning-rate sweep: validation accuracy / eval loss per method and rate, the chosen rate in bold."""
-    lrs = sorted({r["lr"] for r in sweep})
-    by = {(r["method"], r["lr"]): r for r in sweep}
+    """The learning-rate sweep: per method, validation accuracy / eval loss at each of its rates, the chosen one in
+    bold."""
+    runs = {
+        m: sorted((r for r in sweep if r["method"] == m), key=lambda r: r["lr"])
+        for m in dict.fromkeys(r["method"] for r in sweep)
+    }
+    width = max(len(rows) for rows in runs.values())
     lines = [
-        f"Learning-rate sweep (seed {sweep[0]['seed']}, validation split; cells: accuracy / eval loss; **chosen**):",
+        f"Learning-rate sweep (seed {sweep[0]['seed']}, validation split; lr: accuracy / eval loss; **chosen**):",
         "",
-        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-        "|---|" + "---|" * len(lrs),
+        "| method | " + " | ".join(f"rate {index + 1}" for index in range(width)) + " |",
+        "|---|" + "---|" * width,
     ]
-    for method in dict.fromkeys(r["method"] for r in sweep):
-        cells = []
-        for lr in lrs:
-            row = by.get((method, lr))
-            cell = "—" if row is None else f"{row['eval_accuracy']:.3f} / {row['eval_loss']:.4f}"
-            cells.append(f"**{cell}**" if chosen.get(method) == lr else cell)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, rows in runs.items():
+        cells = [f"{r['lr']:g}: {r['eval_accuracy']:.3f} / {r['eval_loss']:.4f}" for r in rows]
+        cells = [f"**{cell}**" if chosen.get(method) == r["lr"] else cell for cell, r in zip(cells, rows, strict=True)]
+        lines.append(f"| {method} | " + " | ".join(cells + ["—"] * (width - len(cells))) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,7 @@ class Method:
     mode: str = "hierarchical"  # allocation solver mode for a calibrated start and for decisions
     dynamic: bool = False  # the HyDRA scheduler re-allocates ranks during training
     rslora: bool = False  # scale updates by alpha/sqrt(r) (PEFT use_rslora) instead of alpha/r0
+    lr_scale: float = 1.0  # `bench --lrs` sweeps this multiple of the grid (full fine-tuning needs far smaller rates)
     output: str = "adapter"  # folder of the run directory the trained weights are saved to
     resume_blocker: str | None = None  # why `train --resume` cannot work for this method, if it cannot
 
@@ -116,6 +117,7 @@ METHODS: dict[str, Method] = {
             trainable=Trainable.FULL,
             start=None,
             output="model",
+            lr_scale=0.01,
         ),
         Method(
             "control-shuffled", "control: hydra-static's ranks shuffled among equal-cost modules", start=Start.SHUFFLED
