@@ -122,18 +122,35 @@ def eval_(
     """Evaluate a base model or a saved adapter: exact-match accuracy, eval loss, majority baseline."""
     with _user_errors():
         from .commands import evaluate_saved
+        from .utils import write_json
 
         run_dir = target if target.is_dir() else None
         cfg = _config(run_dir / "config.yaml" if run_dir else target, set_)
-        if adapter is None and run_dir and (run_dir / "adapter").is_dir():
-            adapter = run_dir / "adapter"
-        from .utils import write_json
-
+        own = run_dir / "adapter" if run_dir else None
+        if adapter is None and own is not None and own.is_dir():
+            adapter = own
+        destination = output or _eval_destination(run_dir or Path(cfg.train.output_dir), adapter, own)
+        if destination.is_dir():
+            raise ConfigError(
+                f"--output {destination} is a folder; give a file name, e.g. {destination / 'eval.json'}"
+            )
         metrics = evaluate_saved(cfg, adapter)
-        destination = output or (run_dir or Path(cfg.train.output_dir)) / "eval.json"
         write_json(destination, metrics)
         _print_results([metrics])
         console.print(f"metrics written to {destination}")
+
+
+def _eval_destination(folder: Path, adapter: Path | None, own: Path | None) -> Path:
+    """FOLDER/eval.json, unless FOLDER holds a run and what is evaluated is not that run's adapter (another adapter,
+    or the base model): those numbers must not replace the run's own eval.json."""
+    evaluates_own = adapter is not None and own is not None and adapter.resolve() == own.resolve()
+    if (folder / "config.yaml").is_file() and not evaluates_own:
+        what = f"--adapter {adapter}" if adapter is not None else "the base model"
+        raise ConfigError(
+            f"{folder} holds a run and {what} is not its adapter: the metrics would replace that run's eval.json; "
+            "pass --output FILE"
+        )
+    return folder / "eval.json"
 
 
 @app.command()
@@ -205,12 +222,15 @@ def allocate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (config.yaml + adapter/).")],
     output_dir: Annotated[Path | None, typer.Option(help="Default: RUN_DIR/export.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT_DIR if it holds something else.")] = False,
 ) -> None:
-    """Write the stock PEFT adapter and a merged model (adapter folded into the weights) for serving."""
+    """Write the stock PEFT adapter and a merged model (adapter folded into the weights) for serving. A previous
+    export of the same run is replaced; any other folder that holds files only with --overwrite, and a run folder
+    never (its own adapter would be replaced)."""
     with _user_errors():
         from .export import export_run
 
-        result = export_run(run_dir, output_dir or run_dir / "export")
+        result = export_run(run_dir, output_dir or run_dir / "export", overwrite)
         console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
         console.print(f"merge check: largest logit difference {result['max_logit_diff']:.2e}")
 
@@ -271,11 +291,15 @@ def methods() -> None:
 def make_scenes(
     output_dir: Annotated[Path, typer.Argument(help="Folder to write train.jsonl, test.jsonl and images/ into.")],
     seed: Annotated[int, typer.Option(help="Generation seed (the default task uses 0).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT_DIR if it already holds files.")] = False,
 ) -> None:
-    """Write the generated multi-shape scenes task (data.dataset: scenes) as LLaVA JSONL + PNG files."""
+    """Write the generated multi-shape scenes task (data.dataset: scenes) as LLaVA JSONL + PNG files into a new or
+    empty folder (an existing one only with --overwrite, replaced once the new files are complete)."""
     with _user_errors():
         from .data.scenes import generate
+        from .utils import check_folder_target
 
+        check_folder_target(output_dir, overwrite, "make-scenes")
         counts = generate(output_dir, seed)
         console.print(f"wrote {counts['train']} train and {counts['test']} test questions to {output_dir}")
 

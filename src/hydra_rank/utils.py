@@ -71,6 +71,25 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def check_folder_target(path: Path, overwrite: bool, writes: str) -> None:
+    """Refuse to write `writes` into folder `path` unless that cannot destroy anything the command did not create: a
+    new or empty folder, or (with `overwrite`) a folder it will replace. A file there, or the current folder or one
+    of its parents, is never replaced."""
+    from .errors import ConfigError
+
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise ConfigError(f"{path} is a file, not a folder; {writes} needs a folder: choose a new folder name")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ConfigError(f"{path} is the current folder or one of its parents; choose a new folder for {writes}")
+    if not overwrite:
+        raise ConfigError(
+            f"{path} already holds files; {writes} would replace them: choose a new or empty folder, or pass "
+            "--overwrite to replace it"
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes `path` only if the block finishes without error.

@@ -1,0 +1,115 @@
+"""No command destroys or silently replaces files it did not create: each case hashes every file before and after.
+
+The reproductions of the data-loss report: make-scenes into a folder that holds files (or onto a file, or the
+current folder), export into another run's folder, eval of another adapter (or of the base model) into a run's
+eval.json, eval --output naming a folder.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hydra_rank.cli import app
+
+from .test_train import tiny_config
+
+runner = CliRunner()
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (a file: itself), by relative path."""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def one_clear_line(result, *phrases: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3, result.output
+    text = " ".join(result.output.split())
+    for phrase in phrases:
+        assert phrase in text, text
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_llava_dir, tmp_path_factory):
+    from .conftest import write_colour_dataset
+
+    root = tmp_path_factory.mktemp("runs")
+    dataset = write_colour_dataset(root / "data")
+    paths = []
+    for name, seed in (("a", 0), ("b", 1)):
+        config = tiny_config(tiny_llava_dir, dataset, root / name, max_steps=1, seed=seed)
+        path = root / f"{name}.yaml"
+        path.write_text(config.to_yaml())
+        assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+        paths.append(root / name)
+    return paths
+
+
+def test_make_scenes_refuses_a_folder_that_holds_files(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    before = snapshot(folder)
+    one_clear_line(runner.invoke(app, ["make-scenes", str(folder)]), "already holds files", "--overwrite")
+    assert snapshot(folder) == before
+
+
+def test_make_scenes_refuses_a_file_and_the_current_folder(tmp_path, monkeypatch):
+    file = tmp_path / "data.txt"
+    file.write_text("mine")
+    one_clear_line(runner.invoke(app, ["make-scenes", str(file)]), "is a file")
+    assert file.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+    monkeypatch.chdir(tmp_path)
+    one_clear_line(runner.invoke(app, ["make-scenes", ".", "--overwrite"]), "current folder")
+    assert file.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+def test_make_scenes_overwrite_replaces_only_when_asked(tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    result = runner.invoke(app, ["make-scenes", str(folder), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (folder / "old.txt").exists() and (folder / "train.jsonl").is_file()
+
+
+def test_export_never_replaces_another_runs_adapter(two_runs):
+    run_a, run_b = two_runs
+    before = snapshot(run_b)
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["export", str(run_a), "--output-dir", str(run_b), *extra])
+        one_clear_line(result, "is a run folder", "--output-dir")
+    assert snapshot(run_b) == before
+
+
+def test_export_replaces_its_own_previous_export_but_not_foreign_files(two_runs, tmp_path):
+    run_a, run_b = two_runs
+    for _ in range(2):  # exporting the same run again is fine
+        assert runner.invoke(app, ["export", str(run_a), "--output-dir", str(tmp_path / "ex")]).exit_code == 0
+    exported = snapshot(tmp_path / "ex")
+    one_clear_line(runner.invoke(app, ["export", str(run_b), "--output-dir", str(tmp_path / "ex")]), "--overwrite")
+    assert snapshot(tmp_path / "ex") == exported
+
+
+def test_eval_of_another_adapter_or_the_base_never_lands_in_a_runs_eval_json(two_runs, tmp_path):
+    run_a, run_b = two_runs
+    assert runner.invoke(app, ["eval", str(run_a)]).exit_code == 0  # its own adapter: writes run_a/eval.json
+    before = snapshot(run_a)
+    result = runner.invoke(app, ["eval", str(run_a), "--adapter", str(run_b / "adapter")])
+    one_clear_line(result, "is not its adapter", "--output")
+    config = run_a / "config.yaml"  # a config whose output_dir is run_a: the base model would land there
+    one_clear_line(runner.invoke(app, ["eval", str(config)]), "the base model is not its adapter")
+    assert snapshot(run_a) == before
+    elsewhere = tmp_path / "b-on-a.json"
+    result = runner.invoke(app, ["eval", str(run_a), "--adapter", str(run_b / "adapter"), "--output", str(elsewhere)])
+    assert result.exit_code == 0 and elsewhere.is_file() and snapshot(run_a) == before
+
+
+def test_eval_output_that_is_a_folder(two_runs, tmp_path):
+    run_a, _ = two_runs
+    one_clear_line(runner.invoke(app, ["eval", str(run_a), "--output", str(tmp_path)]), "is a folder")
+    assert os.listdir(tmp_path) == []
