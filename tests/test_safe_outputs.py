@@ -6,7 +6,9 @@ eval.json, eval --output naming a folder.
 """
 
 import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,56 @@ def test_eval_output_that_is_a_folder(two_runs, tmp_path):
     run_a, _ = two_runs
     one_clear_line(runner.invoke(app, ["eval", str(run_a), "--output", str(tmp_path)]), "is a folder")
     assert os.listdir(tmp_path) == []
+
+
+def write_config(tmp_path: Path, name: str, config) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(config.to_yaml())
+    return path
+
+
+def test_a_failed_overwrite_leaves_the_old_run_intact(tiny_llava_dir, colour_dataset, tmp_path):
+    from .conftest import write_colour_dataset
+
+    out = tmp_path / "run"
+    good = write_config(tmp_path, "good", tiny_config(tiny_llava_dir, colour_dataset, out, max_steps=2))
+    assert runner.invoke(app, ["train", str(good)]).exit_code == 0
+    assert runner.invoke(app, ["eval", str(out)]).exit_code == 0
+    before = snapshot(out)
+    broken = write_colour_dataset(tmp_path / "broken")
+    for png in (tmp_path / "broken" / "images").glob("*.png"):
+        png.write_bytes(png.read_bytes()[:40])  # found only when a batch needs it
+    bad = write_config(tmp_path, "bad", tiny_config(tiny_llava_dir, broken, out, max_steps=2))
+    one_clear_line(runner.invoke(app, ["train", str(bad), "--overwrite"]), "images")
+    assert snapshot(out) == before  # config, log, adapter, metrics and eval.json all still the old run's
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no half-built run left
+
+
+def test_a_successful_overwrite_replaces_the_whole_run(tiny_llava_dir, colour_dataset, tmp_path):
+    out = tmp_path / "run"
+    first = write_config(tmp_path, "first", tiny_config(tiny_llava_dir, colour_dataset, out, max_steps=2))
+    assert runner.invoke(app, ["train", str(first)]).exit_code == 0
+    assert runner.invoke(app, ["eval", str(out)]).exit_code == 0
+    old_metrics = (out / "metrics.json").read_text()
+    second = write_config(tmp_path, "second", tiny_config(tiny_llava_dir, colour_dataset, out, max_steps=3))
+    one_clear_line(runner.invoke(app, ["train", str(second)]), "--overwrite")  # not without asking
+    assert (out / "metrics.json").read_text() == old_metrics
+    assert runner.invoke(app, ["train", str(second), "--overwrite"]).exit_code == 0
+    assert not (out / "eval.json").exists()  # the old run's derived file went with it
+    assert (out / "config.yaml").read_text() == second.read_text()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_moved_run_resumes_where_it_is(tiny_llava_dir, colour_dataset, tmp_path):
+    config = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "run", max_steps=5, checkpoint_every=2)
+    assert runner.invoke(app, ["train", str(write_config(tmp_path, "c", config))]).exit_code == 0
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    (tmp_path / "run").rename(moved)
+    shutil.rmtree(moved / "checkpoints" / "step-4")  # as if killed after step 2's checkpoint
+    result = runner.invoke(app, ["train", str(moved / "config.yaml"), "--resume"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((moved / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 5
+    assert f"output_dir: {moved}" in (moved / "config.yaml").read_text()
+    assert not (tmp_path / "run").exists()

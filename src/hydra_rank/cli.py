@@ -102,10 +102,13 @@ def train(
     adapter/, metrics.json to the output dir.
 
     Set train.checkpoint_every to write checkpoints; after a crash, the same command with --resume continues exactly
-    where the newest checkpoint left off."""
+    where the newest checkpoint left off (`train RUN/config.yaml --resume` continues RUN, also after it was moved).
+    --overwrite replaces a previous run only once the new one has finished: a failed run leaves the old one intact."""
     with _user_errors():
         from .train import run
 
+        if resume and output_dir is None and config.name == "config.yaml" and (config.parent / "checkpoints").is_dir():
+            output_dir = config.parent  # a run's own config: continue that run where it is now, even if it moved
         cfg = _config(
             config, set_, **{"train.max_steps": max_steps, "train.output_dir": str(output_dir or "") or None}
         )

@@ -138,6 +138,12 @@ def hydra_figures(run_dir: Path) -> list[tuple[str, Path]]:
     return [(caption, png) for caption, png in figures if png.is_file()]
 
 
+def _relative(path: Path, out_dir: Path) -> str:
+    """A run's folder as seen from the report (which may be moved with it, e.g. by `train --overwrite`)."""
+    relative = os.path.relpath(path, out_dir)
+    return "this folder" if relative == "." else relative
+
+
 def write_report(out_dir: Path, runs: dict[str, Path], title: str = "hydra-rank report") -> Path:
     """`out_dir/report.html`: the result table and loss curves of `runs` (name -> run directory), and for HyDRA
     runs their allocation at start and end, rank over time and the performance model's predictions."""
@@ -159,7 +165,8 @@ def write_report(out_dir: Path, runs: dict[str, Path], title: str = "hydra-rank 
             )
             sections += f"<h2>{html.escape(name)}: rank allocation</h2>{images}"
     links = "".join(
-        f"<li>{html.escape(name)}: <code>{html.escape(str(path))}</code></li>" for name, path in runs.items()
+        f"<li>{html.escape(name)}: <code>{html.escape(_relative(path, out_dir))}</code></li>"
+        for name, path in runs.items()
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>

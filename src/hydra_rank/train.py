@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,15 @@ from .rank.lora import strip_empty
 from .rank.plan import calibration_batch_count, calibration_batches
 from .rank.scheduler import HydraScheduler
 from .report import save_allocation, write_report
-from .utils import JsonlWriter, atomic_directory, atomic_write_text, console, peak_rss_mb, write_json
+from .utils import (
+    JsonlWriter,
+    atomic_directory,
+    atomic_write_text,
+    console,
+    peak_rss_mb,
+    replace_directory,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -69,50 +78,73 @@ class RunResult:
 
 def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Train and evaluate as `config` says; writes everything listed in this module's docstring. With `resume`,
-    continue from the newest complete checkpoint in the output directory, exactly as if never interrupted."""
+    continue from the newest complete checkpoint in the output directory, exactly as if never interrupted. With
+    `overwrite`, a previous run in the output directory is replaced only once the new one is complete: the new run is
+    built beside it, and a run that fails leaves the old one as it was."""
     started = time.perf_counter()
-    accelerator, state = open_run(config, overwrite, resume)
-    session = set_up(config, accelerator, state, show_progress and accelerator.is_main_process)
-    hooks = step_hooks(session)
-    train_seconds = train_steps(session, hooks)
-    return finish(session, hooks, train_seconds, started)
+    accelerator, state, work = open_run(config, overwrite, resume)
+    destination = Path(config.train.output_dir)
+    try:
+        session = set_up(config, accelerator, state, show_progress and accelerator.is_main_process, work)
+        hooks = step_hooks(session)
+        train_seconds = train_steps(session, hooks)
+        result = finish(session, hooks, train_seconds, started)
+    except BaseException:
+        if work != destination and accelerator.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)  # the half-built replacement; the old run stays intact
+        raise
+    accelerator.wait_for_everyone()
+    if work != destination and accelerator.is_main_process:
+        replace_directory(work, destination)
+    accelerator.end_training()
+    console.print(f"[bold]hydra-rank[/]: run written to {destination}")
+    return RunResult(result.metrics, result.model, destination)
 
 
 # ---- stage 1: start or resume --------------------------------------------------------------------------------------
-def open_run(config: RunConfig, overwrite: bool, resume: bool) -> tuple[Accelerator, dict[str, Any] | None]:
-    """The run's Accelerator and, when resuming, the checkpoint state to continue from. A fresh run gets a clean
-    output directory holding its config.yaml."""
+def open_run(config: RunConfig, overwrite: bool, resume: bool) -> tuple[Accelerator, dict[str, Any] | None, Path]:
+    """The run's Accelerator, the checkpoint state to continue from when resuming, and the folder the run writes
+    to: the output directory, or with `overwrite` of a previous run a hidden sibling that replaces it at the end. A
+    fresh run's folder starts clean, holding its config.yaml."""
     out = Path(config.train.output_dir)
     state = resumable_state(config, out) if resume else None
-    accelerator = Accelerator(log_with="tensorboard", project_dir=str(out))
-    if state is None and accelerator.is_main_process:
-        prepare_output_dir(out, overwrite)
-        atomic_write_text(out / "config.yaml", config.to_yaml())
+    work = out
+    if state is None and overwrite and out.is_dir() and any(out.iterdir()):
+        work = out.with_name(f".{out.name}.overwrite")  # the same name in every process
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(work))
+    if accelerator.is_main_process:
+        if state is None:
+            if work != out:
+                shutil.rmtree(work, ignore_errors=True)  # what a killed earlier attempt left
+            prepare_output_dir(work, overwrite)
+            atomic_write_text(work / "config.yaml", config.to_yaml())
+        elif yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["train"]["output_dir"] != str(out):
+            atomic_write_text(out / "config.yaml", config.to_yaml())  # a moved run: it now lives here
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     accelerator.init_trackers("tensorboard")
-    return accelerator, state
-
-
-APPEND_ONLY_LOGS = ("log.jsonl", "allocation_history.jsonl")
+    return accelerator, state, work
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> Path:
     """Create the run directory; refuse to write into a previous run's results unless asked to replace them."""
+    if path.is_file():
+        raise ConfigError(f"train.output_dir {path} is a file; choose a folder")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise ConfigError(
             f"output directory {path} already holds files; pick another train.output_dir or pass --overwrite"
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
-        for log in APPEND_ONLY_LOGS:  # a replaced run's logs must not run on into the new one's
-            (path / log).unlink(missing_ok=True)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
         raise ConfigError(f"output directory {path} is not writable ({error.strerror}); choose another") from None
     return path
+
+
+MOVABLE = ("train", "output_dir")
 
 
 def resumable_state(config: RunConfig, out: Path) -> dict[str, Any]:
@@ -123,9 +155,11 @@ def resumable_state(config: RunConfig, out: Path) -> dict[str, Any]:
     saved = out / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
-    if saved.read_text() != config.to_yaml():
-        old, new = yaml.safe_load(saved.read_text()), config.to_dict()
-        changed = [f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k]]
+    old, new = yaml.safe_load(saved.read_text(encoding="utf-8")), config.to_dict()
+    changed = [
+        f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k] and (s, k) != MOVABLE
+    ]  # a run folder that was moved or copied resumes where it is now
+    if changed:
         raise ConfigError(
             f"the configuration differs from the run's {saved} in {changed}; resume with the same config"
         )
@@ -170,35 +204,35 @@ class Session:
     progress: Progress
     show: bool
 
-    @property
-    def out(self) -> Path:
-        return Path(self.config.train.output_dir)
+    out: Path  # where the run writes: the output directory, or its replacement being built (`run`)
 
     @property
     def method(self) -> str:
         return self.config.adapter.method
 
 
-def set_up(config: RunConfig, accelerator: Accelerator, state: dict[str, Any] | None, show: bool) -> Session:
+def set_up(
+    config: RunConfig, accelerator: Accelerator, state: dict[str, Any] | None, show: bool, out: Path
+) -> Session:
     """Load model and data, make the method's parameters trainable (a resumed run: at its saved ranks and values),
     build the optimizer and the data stream, and let Accelerate prepare them."""
     t = config.train
     inputs = load_inputs(config)
     inputs.model.to(accelerator.device)
     if state is None:
-        adapted, optimizer = _fresh_start(config, inputs, accelerator, show)
+        adapted, optimizer = _fresh_start(config, inputs, accelerator, show, out)
     else:
-        adapted, optimizer = _resumed_start(config, inputs, state, show)
+        adapted, optimizer = _resumed_start(config, inputs, state, show, out)
     progress = Progress.of(state)
     start = progress.consumed_batches * t.batch_size * accelerator.num_processes
     prepared, optimizer, loader = accelerator.prepare(
         adapted.model, optimizer, _loader(inputs, t.batch_size, t.seed, start)
     )
-    return Session(config, accelerator, inputs, adapted, prepared, optimizer, loader, progress, show)
+    return Session(config, accelerator, inputs, adapted, prepared, optimizer, loader, progress, show, out)
 
 
 def _fresh_start(
-    config: RunConfig, inputs: RunInputs, accelerator: Accelerator, show: bool
+    config: RunConfig, inputs: RunInputs, accelerator: Accelerator, show: bool, out: Path
 ) -> tuple[Adapted, torch.optim.Optimizer]:
     """Calibrate if the method needs it, adapt, and a new AdamW; a dynamic method's starting ranks are saved."""
     t = config.train
@@ -211,19 +245,19 @@ def _fresh_start(
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     if accelerator.is_main_process and config.adapter.spec.dynamic:
         title = f"{config.adapter.method} ranks (start)"
-        save_allocation(adapted.allocation, inputs.targets, Path(t.output_dir), title, name="allocation_start")
+        save_allocation(adapted.allocation, inputs.targets, out, title, name="allocation_start")
     return adapted, optimizer
 
 
 def _resumed_start(
-    config: RunConfig, inputs: RunInputs, state: dict[str, Any], show: bool
+    config: RunConfig, inputs: RunInputs, state: dict[str, Any], show: bool, out: Path
 ) -> tuple[Adapted, torch.optim.Optimizer]:
     """Adapt at the checkpoint's ranks, restore its trainable values and optimizer, and cut the log back to it."""
     t = config.train
     adapted = adapt(config, inputs.model, inputs.targets, [], show, ranks=state.get("ranks"))
     restore_trainable(adapted.model, state)
     optimizer = restore_optimizer(adapted.model, t.lr, t.weight_decay, state)
-    _truncate_log(Path(t.output_dir) / "log.jsonl", state["step"])
+    _truncate_log(out / "log.jsonl", state["step"])
     return adapted, optimizer
 
 
@@ -474,8 +508,6 @@ def write_outputs(
         scalars = {"eval/loss": metrics["eval_loss"], "eval/accuracy": metrics["eval_accuracy"]}
         accelerator.log(scalars, session.config.train.max_steps)
         write_report(out, {method: out}, title=f"hydra-rank run: {method}")
-    accelerator.end_training()
-    console.print(f"[bold]hydra-rank[/]: run written to {out}")
 
 
 def process_fingerprint(model: nn.Module, allocation: Allocation | None) -> dict[str, Any]:

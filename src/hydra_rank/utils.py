@@ -102,15 +102,21 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, _umask_mode(0o777))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
+        replace_directory(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(new: Path, path: Path) -> None:
+    """Make the complete folder `new` (a sibling of `path`) be `path`: the old one is renamed aside first and only
+    deleted once the new one is in place, so `path` is at every moment either the old folder or the new one."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, path)
 
 
 class JsonlWriter:
