@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hydra_rank.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint
 from hydra_rank.config import ScheduleConfig
@@ -125,3 +127,40 @@ def test_checkpoint_files_are_plain_tensors(uninterrupted):
     state = load_checkpoint(latest_checkpoint(reference.output_dir))
     assert state["step"] == 8 and state["scheduler"]["decisions_made"] > 0
     assert json.loads(state["scheduler"]["allocation_info"])["mode"] == "hierarchical"
+
+
+class NotATensor:
+    """Something `weights_only` loading refuses: a pickled object of an arbitrary class."""
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]), "cannot be read"),  # truncated
+        (lambda f: f.write_bytes(b""), "cannot be read"),  # zero bytes (a full disk)
+        (lambda f: torch.save({"step": 8, "payload": NotATensor()}, f), "not a safe checkpoint"),  # a pickle
+    ],
+    ids=["truncated", "empty", "pickle"],
+)
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(uninterrupted, tiny_llava_dir, damage, said, capsys):
+    root, dataset, reference = uninterrupted
+    copy = root / f"damaged-{len(list(root.glob('damaged-*')))}"
+    shutil.copytree(reference.output_dir, copy)
+    for produced in ("metrics.json", "adapter"):
+        shutil.rmtree(copy / produced) if (copy / produced).is_dir() else (copy / produced).unlink()
+    damage(copy / "checkpoints" / "step-8" / "state.pt")
+    config = hydra_config(tiny_llava_dir, dataset, copy)
+    resumed = run(config, resume=True, show_progress=False)
+    assert resumed.metrics["resumed_from_step"] == 4
+    assert said in " ".join(capsys.readouterr().err.split())
+    assert losses(copy) == losses(reference.output_dir)  # from step 4, still exactly the uninterrupted run
+
+
+def test_resume_with_no_readable_checkpoint_is_one_clear_error(uninterrupted, tiny_llava_dir, tmp_path):
+    _, dataset, reference = uninterrupted
+    copy = tmp_path / "run"
+    shutil.copytree(reference.output_dir, copy)
+    for state in (copy / "checkpoints").glob("step-*/state.pt"):
+        state.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no checkpoint in .* can be read"):
+        run(hydra_config(tiny_llava_dir, dataset, copy), resume=True, show_progress=False)

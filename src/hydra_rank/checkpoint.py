@@ -11,6 +11,7 @@ marked complete last, and renamed into place; only complete checkpoints are ever
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .utils import atomic_directory, unwrap_optimizer
+from .utils import atomic_directory, console, unwrap_optimizer
 
 STATE = "state.pt"
 COMPLETE = "COMPLETE"
@@ -98,7 +99,36 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE, weights_only=True)
+    """One checkpoint's state; an unreadable or unsafe file is one clear `ConfigError`."""
+    try:
+        return torch.load(path / STATE, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"{path / STATE} is not a safe checkpoint (it holds pickled objects, which are never loaded)"
+        ) from None
+    except Exception as error:  # truncated, empty or garbled: torch raises whatever its reader met
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ConfigError(f"{path / STATE} cannot be read ({reason})") from None
+
+
+def load_latest(run_dir: Path) -> dict[str, Any]:
+    """The newest complete checkpoint that loads. One that is corrupt or partial (e.g. the disk filled up while it
+    was written) is skipped, with a message saying so, for the next older one."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        latest_checkpoint(run_dir)  # the clear error for "none at all"
+    problems = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path)
+        except ConfigError as error:
+            problems.append(str(error))
+            console.print(f"[yellow]warning:[/] {error}; trying the previous checkpoint")
+            continue
+        if problems:
+            console.print(f"resuming from {path.name}, the newest checkpoint that loads")
+        return state
+    raise ConfigError(f"no checkpoint in {checkpoints_dir(run_dir)} can be read: {'; '.join(problems)}")
 
 
 def restore_trainable(model: nn.Module, state: dict[str, Any]) -> None:

@@ -34,8 +34,7 @@ from torch.utils.data import DataLoader
 from .adapter import Adapted, adapt, trainable_parameters
 from .checkpoint import (
     complete_checkpoints,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     restore_optimizer,
     restore_trainable,
     save_checkpoint,
@@ -163,7 +162,7 @@ def resumable_state(config: RunConfig, out: Path) -> dict[str, Any]:
         raise ConfigError(
             f"the configuration differs from the run's {saved} in {changed}; resume with the same config"
         )
-    return load_checkpoint(latest_checkpoint(out))
+    return load_latest(out)
 
 
 @dataclass(frozen=True)
