@@ -104,6 +104,52 @@ def output_not_writable(data: Path, config: dict) -> None:
     config["train"]["output_dir"] = str(blocker / "run")
 
 
+def output_is_a_file(data: Path, config: dict) -> None:
+    (data / "a-file").write_text("mine")
+    config["train"]["output_dir"] = str(data / "a-file")
+
+
+def non_utf8_jsonl(data: Path, config: dict) -> None:
+    (data / "train.jsonl").write_bytes((data / "train.jsonl").read_bytes() + b'{"id": "caf\xe9"}\n')
+
+
+def rank_above_every_width(data: Path, config: dict) -> None:
+    config["adapter"]["rank"] = 100000
+
+
+def _saved_allocation(data: Path, config: dict, text: str) -> None:
+    (data / "allocation.json").write_text(text)
+    config["adapter"].update(method="hydra-static", allocation_path=str(data / "allocation.json"))
+
+
+def allocation_missing(data: Path, config: dict) -> None:
+    config["adapter"].update(method="hydra-static", allocation_path=str(data / "nowhere.json"))
+
+
+def allocation_not_json(data: Path, config: dict) -> None:
+    _saved_allocation(data, config, "{ranks: ")
+
+
+def allocation_negative_rank(data: Path, config: dict) -> None:
+    ranks = {f"model.language_model.layers.{i}.{kind}": -1 for i in range(2) for kind in KINDS}
+    _saved_allocation(data, config, json.dumps({"budget": 10**6, "ranks": ranks, "info": {}}))
+
+
+def allocation_foreign_modules(data: Path, config: dict) -> None:
+    _saved_allocation(data, config, json.dumps({"budget": 10**6, "ranks": {"transformer.h.0.attn": 4}, "info": {}}))
+
+
+KINDS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
 CASES = [
     ("validate", missing_image, "images/0.png", "does not exist"),
     ("validate", corrupt_image, "1.png", "cannot be read as an image"),
@@ -118,6 +164,13 @@ CASES = [
     ("validate", rank_below_one, "adapter.rank", "must be at least 1"),
     ("validate", unknown_target, "['query_key_value']", "are not linears of the decoder layers"),
     ("train", output_not_writable, "a-file/run", "is not writable"),
+    ("train", output_is_a_file, "a-file", "is a file; choose a folder"),
+    ("validate", non_utf8_jsonl, "train.jsonl", "is not UTF-8 text (byte 0xe9"),
+    ("validate", rank_above_every_width, "adapter.rank 100000", "above the width of every target module"),
+    ("validate", allocation_missing, "nowhere.json", "cannot read allocation"),
+    ("validate", allocation_not_json, "allocation.json", "cannot read allocation"),
+    ("validate", allocation_negative_rank, "allocation.json", "ranks outside"),
+    ("validate", allocation_foreign_modules, "allocation.json", "does not cover exactly the target modules"),
 ]
 
 
@@ -209,3 +262,17 @@ def test_debug_shows_the_traceback(tiny_llava_dir, colour_dataset, tmp_path):
     path.write_text(json.dumps(config))
     result = runner.invoke(app, ["--debug", "validate", str(path)])
     assert result.exit_code != 0 and type(result.exception).__name__ == "ConfigError"
+
+
+def test_max_rank_above_every_width_is_capped_not_a_crash(tiny_llava_dir, colour_dataset, tmp_path):
+    """A max_rank wider than every module once crashed the gradient sketch; the bound is now each module's width."""
+    config = base_config(tiny_llava_dir, colour_dataset[0].parent, tmp_path / "run")
+    config["adapter"].update(method="hydra", max_rank=600)
+    config["train"]["max_steps"] = 4
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    ranks = json.loads((tmp_path / "run" / "allocation.json").read_text())["ranks"]
+    assert max(ranks.values()) <= 32  # the tiny model's widest module

@@ -106,3 +106,36 @@ def test_make_scenes_writes_a_llava_dataset(tmp_path):
     from hydra_rank.data.records import load_json_samples
 
     assert len(load_json_samples(tmp_path / "scenes" / "test.jsonl")) > 1000
+
+
+BOMB = (
+    "[&a [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8))
+    + "]"
+)  # one value whose last element reaches 9^9 leaves through aliases
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"train:\n  lr: .inf\n", "train.lr must be a finite number"),
+        (b"train:\n  max_grad_norm: .nan\n", "train.max_grad_norm must be a finite number"),
+        (b"train:\n  lr: 0.001 \xff\n", "is not UTF-8 text (byte 0xff"),
+        (b"- model\n- data\n", "a config is a mapping of sections"),
+        (b"42\n", "a config is a mapping of sections"),
+        (f"train:\n  lr: {BOMB}\n".encode(), "train.lr: expected float"),
+    ],
+    ids=["inf", "nan", "not-utf8", "list", "scalar", "alias-bomb"],
+)
+def test_bad_config_files_are_one_short_line(tmp_path, content, message):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(content)
+    result = runner.invoke(app, ["validate", str(config)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output and len(result.output) < 2000
+
+
+def test_bench_without_methods(tmp_path):
+    result = runner.invoke(app, ["bench", "configs/scenes.yaml", "--methods", ","])
+    assert result.exit_code == 2 and "--methods names no method" in result.output

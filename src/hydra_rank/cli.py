@@ -267,6 +267,8 @@ def bench(
         from .bench import run_bench
 
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        if not chosen:
+            raise ConfigError(f"--methods names no method ({methods!r}); e.g. --methods lora,hydra")
         unknown = sorted(set(chosen) - set(METHODS))
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")

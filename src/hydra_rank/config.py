@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -18,8 +19,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
+from .utils import read_text_file, short_repr
 
 # Names of the built-in models (built on first use by `builtin.py`) and the system prompt the built-in VLM's
 # projector was trained with; owned here because the defaults below use them.
@@ -186,16 +188,18 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         ):
             return value
         if option is float and _as_float(value) is not None:
+            if not math.isfinite(_as_float(value)):
+                raise ConfigError(f"{key} must be a finite number, got {short_repr(value)}")
             return _as_float(value)
         if option in (int, str, bool) and type(value) is option:
             return value
     names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    raise ConfigError(f"{key}: expected {names}, got {short_repr(value)}")
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {short_repr(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
     values = {}
@@ -304,7 +308,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(read_text_file(path, "config file")) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())[:300]}") from None
+        except DataError as error:
+            raise ConfigError(str(error)) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{path}: a config is a mapping of sections (model:, data:, adapter:, ...), got {short_repr(data)}"
+            )
     return from_dict(data, overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import reprlib
 import resource
 import shutil
 import sys
@@ -47,6 +48,33 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
             progress.update(task, advance=1, info=info)
 
         yield advance
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 6
+_SHORT.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for error messages: a huge or deeply nested value (e.g. a YAML alias bomb) stays one short
+    line, computed without walking the whole value."""
+    return _SHORT.repr(value)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A text file's content as UTF-8, or one clear error naming the file and the first bad byte."""
+    from .errors import DataError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{what} {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise DataError(f"{what} {path} cannot be read ({error.strerror})") from None
 
 
 def _umask_mode(mode: int) -> int:

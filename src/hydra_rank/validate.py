@@ -1,7 +1,8 @@
 """`hydra-rank validate`: find every problem a long run would hit, before it starts.
 
 Checks, in the order a run meets them: the configuration (done when it is loaded), the model (architecture in the
-registry, target modules, chat template), the parameter budget against the minimum ranks, and every sample of both
+registry, target modules, chat template), the ranks against the modules' widths, the parameter budget against the
+minimum ranks, a saved allocation (`adapter.allocation_path`) against the targets and budget, and every sample of both
 datasets: readable images inside the image folder, placeholders matching images, and a token length within
 `data.max_length`. The first problem raises its one clear `HydraError`; a clean config returns a summary.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .inputs import load_inputs
-from .rank.plan import make_budget
+from .rank.plan import make_budget, saved_allocation
 from .utils import progress_bar
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ def validate_config(config: RunConfig, show_progress: bool = True) -> dict:
     targets = inputs.targets
     budget = make_budget(config.adapter, targets)
     budget.check_feasible(targets)
+    if config.adapter.allocation_path:
+        saved_allocation(config.adapter.allocation_path, targets, budget)
     train, held_out = inputs.train_samples, inputs.eval_samples
     longest = 0
     images = set()

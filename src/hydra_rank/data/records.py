@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import DataError
+from ..utils import read_text_file
 from .sample import Sample
 
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -35,7 +36,7 @@ def _records(path: Path) -> list[tuple[str, Any]]:
     """(location, record) pairs; the location is `file:line` for JSONL and `file[index]` for a JSON list."""
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist; check data.train_path / data.eval_path")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "dataset file")
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):

@@ -52,11 +52,19 @@ def type_prior(targets: list[Target], budget: Budget) -> Allocation:
 
 def make_budget(config: AdapterConfig, targets: list[Target], method: Method | None = None) -> Budget:
     """The budget of `method` (default: the configured one): uniform LoRA's size at r0 (or `budget_params`), with
-    the configured bounds; a method that does not allocate ranks is pinned to rank r0."""
+    the configured bounds, the upper one never above the widest module's width (no module could use more); a method
+    that does not allocate ranks is pinned to rank r0."""
+    widest = max(targets, key=lambda t: t.width)
+    if config.rank > widest.width:
+        raise ConfigError(
+            f"adapter.rank {config.rank} is above the width of every target module (the widest, {widest.name}, has "
+            f"min(d_in, d_out) = {widest.width}, and a LoRA rank above it adds nothing); lower adapter.rank"
+        )
     if not (method or config.spec).allocates:
         return Budget(uniform_budget(targets, config.rank), config.rank, config.rank)
     total = config.budget_params if config.budget_params is not None else uniform_budget(targets, config.rank)
-    return Budget(total, config.min_rank, config.upper_rank, config.rank_granularity)
+    upper = max(config.min_rank, min(config.upper_rank, widest.width))
+    return Budget(total, config.min_rank, upper, config.rank_granularity)
 
 
 def calibrated_allocation(

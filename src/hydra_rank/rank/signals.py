@@ -146,7 +146,10 @@ class SketchHooks:
     """
 
     def __init__(self, model: nn.Module, targets: list[Target], rank: int, seed: int = 0) -> None:
-        self.sketches = {t.name: StackedGradientSketch(t.d_in, rank, seed + i) for i, t in enumerate(targets)}
+        # never more columns than the module has directions: its spectrum has at most min(d_in, d_out) values
+        self.sketches = {
+            t.name: StackedGradientSketch(t.d_in, min(rank, t.width), seed + i) for i, t in enumerate(targets)
+        }
         self.handles = [model.get_submodule(t.name).register_forward_hook(self._hook(t.name)) for t in targets]
 
     def _hook(self, name: str):
