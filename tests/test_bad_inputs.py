@@ -109,6 +109,12 @@ def output_is_a_file(data: Path, config: dict) -> None:
     config["train"]["output_dir"] = str(data / "a-file")
 
 
+def decompression_bomb(data: Path, config: dict) -> None:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = 100  # the 32x32 test images are then "bombs"; the fixture below restores the limit
+
+
 def non_utf8_jsonl(data: Path, config: dict) -> None:
     (data / "train.jsonl").write_bytes((data / "train.jsonl").read_bytes() + b'{"id": "caf\xe9"}\n')
 
@@ -165,6 +171,7 @@ CASES = [
     ("validate", unknown_target, "['query_key_value']", "are not linears of the decoder layers"),
     ("train", output_not_writable, "a-file/run", "is not writable"),
     ("train", output_is_a_file, "a-file", "is a file; choose a folder"),
+    ("validate", decompression_bomb, "images/", "is too large to decode safely"),
     ("validate", non_utf8_jsonl, "train.jsonl", "is not UTF-8 text (byte 0xe9"),
     ("validate", rank_above_every_width, "adapter.rank 100000", "above the width of every target module"),
     ("validate", allocation_missing, "nowhere.json", "cannot read allocation"),
@@ -172,6 +179,15 @@ CASES = [
     ("validate", allocation_negative_rank, "allocation.json", "ranks outside"),
     ("validate", allocation_foreign_modules, "allocation.json", "does not cover exactly the target modules"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _pillow_limit():
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
 
 
 @pytest.mark.parametrize(("command", "mistake", "where", "what"), CASES, ids=[c[1].__name__ for c in CASES])

@@ -354,3 +354,7 @@ def test_hf_datasets_folders_with_embedded_images_and_splits(colour_dataset, tmp
     flat, _ = load_samples(DataConfig(dataset="hf-dataset", train_path=str(tmp_path / "flat"),
                                       eval_path=str(tmp_path / "flat")), seed=0)  # fmt: skip
     assert len(flat) == 12
+    for arrow in (tmp_path / "flat").glob("*.arrow"):
+        arrow.write_bytes(b"not arrow")  # a damaged save: one clear error, not the reader's traceback
+    with pytest.raises(DataError, match="cannot be read by datasets' load_from_disk"):
+        load_samples(DataConfig(dataset="hf-dataset", train_path=str(tmp_path / "flat")), seed=0)

@@ -168,3 +168,45 @@ def test_a_moved_run_resumes_where_it_is(tiny_llava_dir, colour_dataset, tmp_pat
     assert metrics["resumed_from_step"] == 2 and metrics["steps"] == 5
     assert f"output_dir: {moved}" in (moved / "config.yaml").read_text()
     assert not (tmp_path / "run").exists()
+
+
+def truncate_weights(adapter: Path) -> None:
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+
+
+def garble_config(adapter: Path) -> None:
+    (adapter / "adapter_config.json").write_text("{ not json")
+
+
+def foreign_rank_pattern(adapter: Path) -> None:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"q_proj": 7}  # not the shapes its weights have
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (truncate_weights, "cannot load the adapter"),
+        (garble_config, "is not valid JSON"),
+        (foreign_rank_pattern, "cannot load the adapter"),
+    ],
+    ids=["truncated-weights", "garbled-config", "foreign-rank-pattern"],
+)
+def test_a_damaged_adapter_is_one_clear_error(two_runs, tmp_path, damage, said):
+    run_a, _ = two_runs
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_a / "adapter", adapter)
+    damage(adapter)
+    result = runner.invoke(app, ["eval", str(run_a), "--adapter", str(adapter), "--output", str(tmp_path / "m.json")])
+    one_clear_line(result, str(adapter), said)
+
+
+def test_truncated_model_weights_are_one_clear_error(tiny_llava_dir, colour_dataset, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava_dir, model)
+    truncate = model / "model.safetensors"
+    truncate.write_bytes(truncate.read_bytes()[:1000])
+    path = write_config(tmp_path, "c", tiny_config(model, colour_dataset, tmp_path / "run"))
+    one_clear_line(runner.invoke(app, ["validate", str(path)]), "cannot load the weights", "complete")

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from peft import PeftModel
 
-from .errors import ModelLoadError
 from .evaluate import evaluate_configured
 from .inputs import load_inputs
 from .methods import DEFAULT_METHOD, METHODS
+from .models.loading import load_adapter
 from .rank.plan import calibrated_allocation, calibration_batches, make_budget
 from .report import save_allocation
 
@@ -26,9 +25,7 @@ def evaluate_saved(config: RunConfig, adapter: Path | None = None, show_progress
     inputs = load_inputs(config)
     model = inputs.model
     if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModelLoadError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
     results = evaluate_configured(
         model, inputs.encoder, config, inputs.train_samples, inputs.eval_samples, show_progress
     )

@@ -12,12 +12,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 
 from .config import load_config
 from .data import collate
 from .errors import ConfigError
 from .inputs import load_inputs
+from .models.loading import load_adapter
 from .utils import atomic_directory, check_folder_target, write_json
 
 MARKER = "export.json"  # what an export folder was exported from: a later export of the same run may replace it
@@ -43,7 +43,7 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict
         raise ConfigError(f"{run_dir} is not a finished run directory (needs config.yaml and adapter/)")
     check_export_target(run_dir, output_dir, overwrite)
     inputs = load_inputs(load_config(run_dir / "config.yaml"))
-    model = PeftModel.from_pretrained(inputs.model, adapter).eval()
+    model = load_adapter(inputs.model, adapter).eval()
     encoder, processor = inputs.encoder, inputs.processor
     probe = collate([encoder.encode(s) for s in inputs.eval_samples[:4]], encoder.pad_token_id)
     probe.pop("labels")

@@ -99,7 +99,7 @@ def _image(value: Any, image_root: Path, source: str) -> Path | Image.Image:
         try:
             with Image.open(io.BytesIO(value["bytes"])) as image:
                 return image.convert("RGB")
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:
             raise DataError(f"{source}: an embedded image cannot be read ({error})") from None
     raise DataError(f"{source}: an image must be a file path or an image, got {type(value).__name__}")
 
@@ -153,7 +153,13 @@ def load_hf_dataset(path: str | Path, role: str, image_root: str | Path | None =
     path = Path(path)
     if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
         raise DataError(f"{path} is not a folder written by datasets' save_to_disk (no dataset_info.json)")
-    data = load_from_disk(str(path))
+    try:
+        data = load_from_disk(str(path))
+    except Exception as error:  # datasets raises whatever its readers meet in a damaged folder
+        reason = " ".join(str(error).split())[:200]
+        raise DataError(
+            f"{path} cannot be read by datasets' load_from_disk ({type(error).__name__}: {reason})"
+        ) from None
     if isinstance(data, DatasetDict):
         wanted = ("train",) if role == "train" else EVAL_SPLITS
         split = next((name for name in wanted if name in data), None)

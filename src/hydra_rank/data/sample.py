@@ -59,5 +59,7 @@ def load_image(path: Path | Image.Image, source: str = "") -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image {path}{where} does not exist; check the image folder setting") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path}{where} is too large to decode safely ({error}); downscale it") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"image {path}{where} cannot be read as an image ({error}); replace or remove it") from None

@@ -7,10 +7,14 @@ with its tokenizer. Remote code runs only when the user asked for it.
 
 from __future__ import annotations
 
+import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -44,12 +48,45 @@ def load_pretrained(
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
             processor = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except pickle.UnpicklingError:
         raise ModelLoadError(
-            f"cannot load the weights or processor of {source!r} ({type(error).__name__}: {error}); the folder"
-            " needs the model's weights (safetensors), its config and its processor or tokenizer files"
+            f"the weights of {source!r} are a pickle that safe loading refuses (it could run code); convert them "
+            "to safetensors"
+        ) from None
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        raise ModelLoadError(
+            f"cannot load the weights or processor of {source!r} ({_reason(error)}); the folder needs the model's "
+            "weights (safetensors, complete), its config and its processor or tokenizer files"
         ) from None
     return model.eval(), processor
+
+
+def _reason(error: Exception) -> str:
+    """An exception as a short one-line reason."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def load_adapter(model: PreTrainedModel, path: Path) -> PeftModel:
+    """A saved PEFT adapter on top of `model`, or one clear error: not an adapter folder, an adapter_config.json that
+    is not PEFT's, truncated weights, or an adapter made for another base model (names or shapes do not match)."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{config} is not valid JSON ({_reason(error)})") from None
+    if not isinstance(settings, dict) or "peft_type" not in settings:
+        raise ModelLoadError(f"{config} is not a PEFT adapter config (no peft_type)")
+    try:
+        return PeftModel.from_pretrained(model, path)
+    except pickle.UnpicklingError:
+        raise ModelLoadError(f"the adapter weights in {path} are a pickle that safe loading refuses") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as error:
+        raise ModelLoadError(
+            f"cannot load the adapter in {path} ({_reason(error)}); it must be a complete PEFT adapter saved for "
+            "this base model"
+        ) from None
 
 
 def is_image_text_to_text(config: PreTrainedConfig) -> bool:
