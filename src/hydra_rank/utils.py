@@ -107,10 +107,10 @@ def check_folder_target(path: Path, overwrite: bool, writes: str) -> None:
 
     if path.is_file() or (path.exists() and not path.is_dir()):
         raise ConfigError(f"{path} is a file, not a folder; {writes} needs a folder: choose a new folder name")
+    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise ConfigError(f"{path} is the current folder or one of its parents; choose a new folder for {writes}")
     if not path.exists() or not any(path.iterdir()):
         return
-    if Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise ConfigError(f"{path} is the current folder or one of its parents; choose a new folder for {writes}")
     if not overwrite:
         raise ConfigError(
             f"{path} already holds files; {writes} would replace them: choose a new or empty folder, or pass "
