@@ -139,3 +139,8 @@ def test_bad_config_files_are_one_short_line(tmp_path, content, message):
 def test_bench_without_methods(tmp_path):
     result = runner.invoke(app, ["bench", "configs/scenes.yaml", "--methods", ","])
     assert result.exit_code == 2 and "--methods names no method" in result.output
+
+
+def test_error_text_is_bounded(tmp_path):
+    result = runner.invoke(app, ["validate", "configs/scenes.yaml", "--set", f"train.{'x' * 5000}=1"])
+    assert result.exit_code == 2 and "more characters" in result.output and len(result.output) < 1500

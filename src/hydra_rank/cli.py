@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ConfigError, HydraError
 from .methods import DEMO_METHODS, METHODS, REFERENCE_METHOD, describe_methods
@@ -54,6 +55,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+MAX_ERROR = 1000  # characters: a message quoting user input never floods the terminal
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Input errors become one red line and exit status 2 (a traceback only with --debug)."""
@@ -62,7 +66,9 @@ def _user_errors() -> Iterator[None]:
     except HydraError as error:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {error}")
+        text = str(error)
+        text = text if len(text) <= MAX_ERROR else f"{text[:MAX_ERROR]}... ({len(text) - MAX_ERROR} more characters)"
+        console.print(f"[bold red]error:[/] {escape(text)}")
         raise typer.Exit(2) from None
 
 
