@@ -120,6 +120,7 @@ def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int,
     each other, not with a run that had the machine alone."""
     rows: list[dict | None] = [None] * len(configs)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    lock = threading.Lock()
 
     def one(index: int) -> None:
         config = configs[index]
@@ -128,7 +129,6 @@ def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int,
         with lock:
             write_json(output_dir / results, [row for row in rows if row is not None])
 
-    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(one, index) for index in range(len(configs))]:
             future.result()  # the first failure stops the benchmark with its error
@@ -148,7 +148,9 @@ def sweep_lrs(
     return run_all(sweep_configs(base, methods, lrs, seed, output_dir), output_dir, "sweep.json", jobs)
 
 
-def sweep_configs(base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path) -> list:
+def sweep_configs(
+    base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path
+) -> list[RunConfig]:
     """The sweep's runs: each method at each rate of the grid times its `lr_scale`, on the validation split."""
     return [
         method_config(base, method, seed, output_dir / "sweep" / f"{method}-lr{lr:g}", lr, "validation")
