@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .utils import atomic_directory, console, unwrap_optimizer
+from .utils import atomic_directory, console, one_line, unwrap_optimizer
 
 STATE = "state.pt"
 COMPLETE = "COMPLETE"
@@ -107,7 +107,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path / STATE} is not a safe checkpoint (it holds pickled objects, which are never loaded)"
         ) from None
     except Exception as error:  # truncated, empty or garbled: torch raises whatever its reader met
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        reason = one_line(str(error), 200) or type(error).__name__
         raise ConfigError(f"{path / STATE} cannot be read ({reason})") from None
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from .errors import ConfigError, DataError
 from .methods import DEFAULT_METHOD, METHODS, Method, get_method
-from .utils import read_text_file, short_repr
+from .utils import one_line, read_text_file, short_repr
 
 # Names of the built-in models (built on first use by `builtin.py`) and the system prompt the built-in VLM's
 # projector was trained with; owned here because the defaults below use them.
@@ -310,7 +310,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         try:
             data = yaml.safe_load(read_text_file(path, "config file")) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())[:300]}") from None
+            raise ConfigError(f"{path} is not valid YAML: {one_line(str(error), 300)}") from None
         except DataError as error:
             raise ConfigError(str(error)) from None
         if not isinstance(data, dict):

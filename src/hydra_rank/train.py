@@ -117,8 +117,8 @@ def open_run(config: RunConfig, overwrite: bool, resume: bool) -> tuple[Accelera
                 shutil.rmtree(work, ignore_errors=True)  # what a killed earlier attempt left
             prepare_output_dir(work, overwrite)
             atomic_write_text(work / "config.yaml", config.to_yaml())
-        elif yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))["train"]["output_dir"] != str(out):
-            atomic_write_text(out / "config.yaml", config.to_yaml())  # a moved run: it now lives here
+        else:  # resumable_state found it equal but for where the run lives: a moved run records its new place
+            atomic_write_text(out / "config.yaml", config.to_yaml())
     accelerator.wait_for_everyone()
     set_seed(config.train.seed)
     accelerator.init_trackers("tensorboard")

@@ -62,6 +62,11 @@ def short_repr(value: Any) -> str:
     return _SHORT.repr(value)
 
 
+def one_line(text: str, limit: int) -> str:
+    """`text` (e.g. a library's multi-line error) as one line of at most `limit` characters, for an error message."""
+    return " ".join(text.split())[:limit]
+
+
 def read_text_file(path: Path, what: str) -> str:
     """A text file's content as UTF-8, or one clear error naming the file and the first bad byte."""
     from .errors import DataError

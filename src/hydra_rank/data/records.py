@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import DataError
-from ..utils import read_text_file
+from ..utils import one_line, read_text_file
 from .sample import Sample
 
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -156,7 +156,7 @@ def load_hf_dataset(path: str | Path, role: str, image_root: str | Path | None =
     try:
         data = load_from_disk(str(path))
     except Exception as error:  # datasets raises whatever its readers meet in a damaged folder
-        reason = " ".join(str(error).split())[:200]
+        reason = one_line(str(error), 200)
         raise DataError(
             f"{path} cannot be read by datasets' load_from_disk ({type(error).__name__}: {reason})"
         ) from None

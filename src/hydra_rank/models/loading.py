@@ -29,6 +29,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from ..errors import ModelLoadError
+from ..utils import one_line
 
 
 def load_pretrained(
@@ -63,7 +64,7 @@ def load_pretrained(
 
 def _reason(error: Exception) -> str:
     """An exception as a short one-line reason."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    return f"{type(error).__name__}: {one_line(str(error), 300)}"
 
 
 def load_adapter(model: PreTrainedModel, path: Path) -> PeftModel:
