@@ -51,6 +51,7 @@ def test_ints_are_accepted_as_floats():
         ({"train": 3}, [], "train: expected a mapping"),
         ({}, ["train.lr"], "--set expects key=value"),
         ({}, ["model.dtype=int8"], "model.dtype must be one of"),
+        ({}, ["adapter.rank_scale=linear"], "adapter.rank_scale must be one of ('fixed', 'sqrt')"),
         ({}, ["adapter.target_modules=[]"], "adapter.target_modules is empty"),
         ({"adapter": {"dropout": True}}, [], "adapter.dropout: expected float"),
     ],

@@ -1,12 +1,14 @@
 """Resizing LoRA modules in place: exactness of grow and shrink, scale, PEFT round trip, training afterwards."""
 
+import math
+
 import pytest
 import torch
 from peft import PeftModel
 from transformers import LlavaForConditionalGeneration
 
 from hydra_rank.adapter import attach_lora
-from hydra_rank.config import AdapterConfig
+from hydra_rank.config import RANK_SCALES, AdapterConfig
 from hydra_rank.loop import rebind_optimizer
 from hydra_rank.rank.budget import Allocation, discover_targets
 from hydra_rank.rank.lora import ADAPTER, lora_layers
@@ -19,12 +21,24 @@ def delta_w(layer) -> torch.Tensor:
     return layer.scaling[ADAPTER] * layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight
 
 
+def expected_scale(rank_scale: str, rank: int) -> float:
+    """alpha/r0 = 2 at r0 = 4 under both conventions; sqrt: times sqrt(r0/rank)."""
+    return 2.0 if rank_scale == "fixed" else 2.0 * math.sqrt(4 / rank)
+
+
+@pytest.fixture(params=RANK_SCALES)
+def rank_scale(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def adapted(tokenizer, tmp_path):
+def adapted(tokenizer, tmp_path, rank_scale):
     model, _ = make_tiny_llava(tokenizer)
     model.save_pretrained(tmp_path / "base")  # the clean base, for reload checks
     targets = discover_targets(model)
-    peft_model = attach_lora(model, AdapterConfig(rank=4, alpha=8.0), Allocation.uniform(targets, 4))
+    config = AdapterConfig(rank=4, alpha=8.0, rank_scale=rank_scale)
+    peft_model = attach_lora(model, config, Allocation.uniform(targets, 4))
+    assert all(layer.scaling[ADAPTER] == 2.0 for layer in lora_layers(peft_model).values())  # uniform LoRA's
     torch.manual_seed(1)
     for name, parameter in peft_model.named_parameters():
         if "lora_B" in name:
@@ -40,7 +54,7 @@ def test_factorize_reproduces_the_product():
     torch.testing.assert_close(right.T @ right, torch.eye(3, dtype=torch.float64))
 
 
-def test_grow_keeps_outputs_and_adds_uncovered_directions(adapted):
+def test_grow_keeps_outputs_and_adds_uncovered_directions(adapted, rank_scale):
     model, targets = adapted
     name = targets[4].name  # a gate_proj: 32 -> 64
     layer = lora_layers(model)[name]
@@ -54,7 +68,7 @@ def test_grow_keeps_outputs_and_adds_uncovered_directions(adapted):
     torch.testing.assert_close(delta_w(layer), before_w, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(layer(x), before_out, atol=1e-5, rtol=1e-5)
     assert torch.all(layer.lora_B[ADAPTER].weight[:, 4:] == 0)
-    assert torch.equal(layer.lora_A[ADAPTER].weight[:4], old_rows)  # growing keeps A and B as they were
+    assert torch.equal(layer.lora_A[ADAPTER].weight[:4], old_rows)  # growing keeps A (and B, up to the scale)
     new_rows = layer.lora_A[ADAPTER].weight[4:].detach()
     assert (new_rows @ old_rows.T).abs().max() < 1e-5  # orthogonal to what A already covered
     # the first new row is the first hint direction, minus its part in the old row space
@@ -62,17 +76,19 @@ def test_grow_keeps_outputs_and_adds_uncovered_directions(adapted):
     expected = hint[:, 0] - q @ (q.T @ hint[:, 0])
     cosine = torch.nn.functional.cosine_similarity(new_rows[0], expected, dim=0)
     assert cosine.abs() > 0.9999
-    assert layer.scaling[ADAPTER] == pytest.approx(2.0) and layer.lora_alpha[ADAPTER] == pytest.approx(14.0)
+    assert layer.scaling[ADAPTER] == pytest.approx(expected_scale(rank_scale, 7))
+    assert layer.lora_alpha[ADAPTER] == pytest.approx(14.0 if rank_scale == "fixed" else 4.0)
     assert layer.lora_A[ADAPTER].weight.requires_grad and layer.lora_B[ADAPTER].weight.requires_grad
 
 
-def test_shrink_error_is_exactly_the_dropped_energy(adapted):
+def test_shrink_error_is_exactly_the_dropped_energy(adapted, rank_scale):
     model, targets = adapted
     name = targets[0].name
     layer = lora_layers(model)[name]
     before = delta_w(layer).detach().double()
     singular = torch.linalg.svdvals(before)
     result = resize_layer(layer, name, 2)
+    assert layer.scaling[ADAPTER] == pytest.approx(expected_scale(rank_scale, 2))
     after = delta_w(layer).detach().double()
     error = float((before - after).square().sum())
     assert result.dropped_energy == pytest.approx(float(singular[2:].square().sum()), rel=1e-6)
@@ -95,7 +111,7 @@ def test_resizing_an_untrained_adapter_keeps_it_trainable(tokenizer):
     assert torch.all(rows > 0.5 * rms * 32**0.5)
 
 
-def test_optimizer_state_is_carried_when_growing_and_reset_when_shrinking(adapted):
+def test_optimizer_state_is_carried_when_growing_and_reset_when_shrinking(adapted, rank_scale):
     model, targets = adapted
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 1000, (2, 6))
@@ -104,6 +120,7 @@ def test_optimizer_state_is_carried_when_growing_and_reset_when_shrinking(adapte
     grow, shrink = lora_layers(model)[targets[0].name], lora_layers(model)[targets[1].name]
     old_a, old_shrink_a = grow.lora_A[ADAPTER].weight, shrink.lora_A[ADAPTER].weight
     old_state = {k: v.clone() for k, v in optimizer.state[old_a].items()}
+    old_b_state = {k: v.clone() for k, v in optimizer.state[grow.lora_B[ADAPTER].weight].items()}
     slot = next(i for i, p in enumerate(optimizer.param_groups[0]["params"]) if p is old_a)
     resize_layer(grow, targets[0].name, 6, optimizer=optimizer)
     resize_layer(shrink, targets[1].name, 2, optimizer=optimizer)
@@ -114,6 +131,11 @@ def test_optimizer_state_is_carried_when_growing_and_reset_when_shrinking(adapte
     assert torch.equal(state["exp_avg_sq"][:4], old_state["exp_avg_sq"])
     torch.testing.assert_close(state["exp_avg_sq"][4:], torch.full((2, 32), float(old_state["exp_avg_sq"].mean())))
     assert torch.equal(state["step"], old_state["step"])
+    # B was multiplied by s_old/s_new to keep ΔW, so its gradients, and moments, scale by the inverse
+    ratio = expected_scale(rank_scale, 6) / expected_scale(rank_scale, 4)
+    b_state = optimizer.state[grow.lora_B[ADAPTER].weight]
+    torch.testing.assert_close(b_state["exp_avg"][:, :4], old_b_state["exp_avg"] * ratio)
+    torch.testing.assert_close(b_state["exp_avg_sq"][:, :4], old_b_state["exp_avg_sq"] * ratio**2)
     live = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert id(old_shrink_a) not in live and old_shrink_a not in optimizer.state
     rebind_optimizer(optimizer, model, step=3)
@@ -165,3 +187,30 @@ def test_training_continues_after_a_resize(adapted):
     assert losses[-1] < losses[0]
     grown = lora_layers(model)[targets[0].name].lora_B[ADAPTER].weight
     assert grown[:, 4:].abs().sum() > 0  # the new directions learned
+
+
+def test_a_static_allocation_attaches_at_the_conventions_scale_and_reloads(tokenizer, tmp_path, rank_scale):
+    model, _ = make_tiny_llava(tokenizer)
+    model.save_pretrained(tmp_path / "base")
+    targets = discover_targets(model)
+    ranks = {t.name: 1 + (i * 3) % 8 for i, t in enumerate(targets)}
+    config = AdapterConfig(method="hydra-static", rank=4, alpha=8.0, rank_scale=rank_scale)
+    peft_model = attach_lora(model, config, Allocation(ranks, budget=10**9))
+    for name, layer in lora_layers(peft_model).items():
+        assert layer.scaling[ADAPTER] == pytest.approx(expected_scale(rank_scale, ranks[name]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    saved = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+    assert {n: layer.scaling[ADAPTER] for n, layer in lora_layers(saved).items()} == {
+        n: layer.scaling[ADAPTER] for n, layer in lora_layers(peft_model).items()
+    }
+
+
+def test_uniform_lora_ignores_the_convention(tokenizer):
+    """rank_scale is a rule for ranks other than r0: uniform LoRA (which never allocates) is plain PEFT LoRA."""
+    model, _ = make_tiny_llava(tokenizer)
+    targets = discover_targets(model)
+    peft_model = attach_lora(model, AdapterConfig(method="lora", rank_scale="sqrt"), Allocation.uniform(targets, 4))
+    config = peft_model.peft_config[ADAPTER]
+    assert not config.use_rslora and config.lora_alpha == 8.0

@@ -87,16 +87,20 @@ def lora_config(config: AdapterConfig, allocation: Allocation, **extra: Any) -> 
     keep = config.spec.dynamic
     ranks = {name: max(rank, 1) for name, rank in allocation.ranks.items() if rank > 0 or keep}
     uniform = all(rank == config.rank for rank in ranks.values())
-    rank_pattern, alpha_pattern = lora_patterns({} if uniform else ranks, config.alpha, config.rank)
+    # the sqrt convention (`rank/lora.py`) is rsLoRA with the global alpha that gives rank r0 the scale alpha/r0
+    rank_stable = config.spec.allocates and config.rank_scale == "sqrt"
+    alpha = config.alpha / config.rank**0.5 if rank_stable else config.alpha
+    rslora = config.spec.rslora or rank_stable
+    rank_pattern, alpha_pattern = lora_patterns({} if uniform else ranks, alpha, config.rank, rslora)
     return LoraConfig(
         r=config.rank,
-        lora_alpha=config.alpha,
+        lora_alpha=alpha,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         lora_dropout=config.dropout,
         target_modules=list(ranks),
         bias="none",
-        use_rslora=config.spec.rslora,
+        use_rslora=rslora,
         **extra,
     )
 

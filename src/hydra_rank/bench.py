@@ -81,10 +81,14 @@ def method_config(
 
 def what_matters(config: dict) -> dict:
     """The part of a config (as a dict) that can change a run's result: the scheduler's keys only matter to a
-    dynamic method, so a finished LoRA run stays reusable when only HyDRA's schedule (or its defaults) change."""
+    dynamic method and the scale convention of ranks other than r0 only to a method that allocates ranks, so a
+    finished LoRA run stays reusable when only HyDRA's keys (or their defaults) change."""
+    method = get_method(config["adapter"]["method"])
     relevant = {key: value for key, value in config.items() if key != "schedule"}
-    if get_method(config["adapter"]["method"]).dynamic:
+    if method.dynamic:
         relevant["schedule"] = config["schedule"]
+    if not method.allocates:
+        relevant["adapter"] = {key: value for key, value in config["adapter"].items() if key != "rank_scale"}
     return relevant
 
 

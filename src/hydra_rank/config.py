@@ -32,6 +32,7 @@ DEFAULT_SYSTEM_PROMPT = "Answer briefly."
 DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json", "hf-dataset")
 EVAL_SPLITS = ("test", "validation")
 SCHEDULE_INITS = ("warmup", "calibrated")
+RANK_SCALES = ("fixed", "sqrt")
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -65,7 +66,10 @@ class DataConfig:
 class AdapterConfig:
     method: str = DEFAULT_METHOD  # one of `methods.METHODS` (`hydra-rank methods` lists them)
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
-    alpha: float = 8.0  # every module's update is scaled by alpha / rank, whatever its own rank
+    alpha: float = 8.0  # a module at rank r0 scales its update by alpha / r0 (as uniform LoRA does)
+    # a module at another rank r (methods that allocate): fixed: alpha/r0 too; sqrt: alpha/r0 · sqrt(r0/r), PEFT's
+    # rsLoRA rule, under which one optimizer step moves a module's update by the same amount at any rank
+    rank_scale: str = "fixed"
     dropout: float = 0.0
     target_modules: list[str] | None = None  # short names (q_proj, ...); None: every linear of every decoder layer
     # where adapters go: the language model, plus optionally every linear of the vision tower and/or the projector;
@@ -243,6 +247,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require(a.method in METHODS, f"adapter.method must be one of {tuple(METHODS)}, got {a.method!r}")
     _require(a.rank >= 1, f"adapter.rank must be at least 1, got {a.rank}")
     _require(a.alpha > 0, f"adapter.alpha must be positive, got {a.alpha}")
+    _require(a.rank_scale in RANK_SCALES, f"adapter.rank_scale must be one of {RANK_SCALES}, got {a.rank_scale!r}")
     _require(0 <= a.dropout < 1, f"adapter.dropout must be in [0, 1), got {a.dropout}")
     _require(
         a.target_modules is None or len(a.target_modules) > 0, "adapter.target_modules is empty; use null for all"

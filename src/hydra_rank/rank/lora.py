@@ -5,14 +5,20 @@ are regular expressions matched as dotted suffixes. A plain full name would be a
 character; we use `^` + the escaped full name, which can only ever match that one module (tested against every
 module name).
 
-Scale convention, kept here and nowhere else: every module's update is scaled by alpha/r0 whatever its rank
-(alpha_m = alpha/r0 · r_m). A module keeping rank r0 behaves exactly as in uniform LoRA, and when HyDRA changes a
-rank the existing directions keep their scale, so ΔW is unchanged by a resize. The first attach (`adapter.py`) and
-every resize (`resize.py`) write their patterns with `lora_patterns`.
+Scale conventions, kept here and nowhere else. A module at rank r0 scales its update by alpha/r0, exactly as uniform
+LoRA does; a module at another rank r gets
+- fixed (default): alpha/r0 as well (alpha_m = alpha/r0 · r_m in `alpha_pattern`). A grown module's update can then
+  move faster per step than uniform LoRA's: more directions, each at the same scale;
+- sqrt: alpha/r0 · sqrt(r0/r), which is PEFT's rsLoRA rule `lora_alpha/sqrt(r)` with one global
+  lora_alpha = alpha/sqrt(r0) (`use_rslora`, no `alpha_pattern`): one optimizer step moves a module's update by
+  about the same amount whatever its rank, so a learning rate tuned for uniform LoRA stays safe for every module.
+Either way a resize keeps ΔW = s·B·A exactly (`resize.py` rescales B when s changes). The first attach
+(`adapter.py`) and every resize write their patterns with `lora_patterns`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from peft import PeftModel
@@ -26,13 +32,24 @@ def pattern_key(module_name: str) -> str:
     return "^" + re.escape(module_name)
 
 
-def lora_patterns(ranks: dict[str, int], alpha: float, r0: int) -> tuple[dict[str, int], dict[str, float]]:
-    """(rank_pattern, alpha_pattern) giving every listed module its rank and the scale alpha/r0."""
+def lora_patterns(
+    ranks: dict[str, int], alpha: float, r0: int, rslora: bool = False
+) -> tuple[dict[str, int], dict[str, float]]:
+    """(rank_pattern, alpha_pattern) giving every listed module its rank, and under the fixed convention the scale
+    alpha/r0; under rsLoRA (`rslora`, the sqrt convention) the global alpha already gives every rank its scale."""
     scale = alpha / r0
     return (
         {pattern_key(name): rank for name, rank in ranks.items()},
-        {pattern_key(name): scale * rank for name, rank in ranks.items()},
+        {} if rslora else {pattern_key(name): scale * rank for name, rank in ranks.items()},
     )
+
+
+def module_scale(layer: LoraLayer, rank: int) -> float:
+    """The scale PEFT's rule gives `layer` at `rank`: lora_alpha/sqrt(rank) under rsLoRA, else unchanged (the
+    fixed convention keeps alpha/r0). Rank 0 has no update to scale: its current scale is kept."""
+    if rank > 0 and layer.use_rslora.get(ADAPTER, False):
+        return layer.lora_alpha[ADAPTER] / math.sqrt(rank)  # as PEFT computes it, to the last bit
+    return layer.scaling[ADAPTER]
 
 
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:

@@ -11,12 +11,14 @@
   training so that its gradient is still sketched and it can grow again. `strip_empty` removes such wrappers before
   the adapter is saved, so the saved adapter is stock PEFT (which has no rank 0).
 
-The scale s = alpha/r0 is the same for every module (see `lora.py`), so a resize changes `r` and
-`lora_alpha = s·r` but never `scaling`.
+Under the fixed scale convention (`lora.py`) s = alpha/r0 at every rank, so a resize changes `r` and
+`lora_alpha = s·r` but never `scaling`. Under the sqrt convention (rsLoRA) s changes with the rank; B is multiplied by
+s_old/s_new so that ΔW is still exactly kept.
 
 Optimizer state, handled explicitly:
-- grown factors keep their Adam state: the old entries' moments are carried over exactly (they are the same
-  coordinates), the appended entries start with a zero first moment and the tensor's mean second moment;
+- grown factors keep their Adam state: the old entries' moments are carried over (they are the same coordinates;
+  when B is rescaled by c, its gradient is scaled by 1/c, and so are its moments: m/c, v/c²), the appended entries
+  start with a zero first moment and the tensor's mean second moment;
 - re-factored (shrunk) factors get fresh state: the change of basis mixes coordinates, and Adam's per-coordinate
   second moment has no exact image under it (a rotated first moment with a guessed second moment would hand the
   new coordinates a history they never had). The loop gives them a short learning-rate warm-up
@@ -35,7 +37,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..utils import unwrap_optimizer
-from .lora import ADAPTER, lora_layers, lora_patterns
+from .lora import ADAPTER, lora_layers, lora_patterns, module_scale
 
 if TYPE_CHECKING:
     from .budget import Allocation
@@ -98,41 +100,47 @@ def resize_layer(
     old_rank = layer.r[ADAPTER]
     if new_rank < 0:
         raise ValueError(f"cannot resize {name} to rank {new_rank}")
+    old_scale, new_scale = layer.scaling[ADAPTER], module_scale(layer, new_rank)
+    rescale = old_scale / new_scale  # B's factor that keeps ΔW = s·B·A when the scale changes
     weight_a, weight_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
     a, b = weight_a.double(), weight_b.double()
     # the RMS row norm new A rows get; a module grown from rank 0 has none, so it gets PEFT's initial one
-    scale = (float(a.norm() / old_rank**0.5) if old_rank else 0.0) or (1.0 / (3 * a.shape[1])) ** 0.5
+    row_norm = (float(a.norm() / old_rank**0.5) if old_rank else 0.0) or (1.0 / (3 * a.shape[1])) ** 0.5
     if new_rank > old_rank:  # grow: keep A and B exactly, append orthogonal A rows and zero B columns
         row_space, _ = torch.linalg.qr(a.T)
         generator = generator or torch.Generator().manual_seed(0)
         candidates = None if directions is None else directions.double()
         extra = _new_directions(row_space, new_rank - old_rank, candidates, generator)
-        new_a = torch.cat([a, scale * extra.T])
-        new_b = torch.cat([b, torch.zeros(b.shape[0], new_rank - old_rank, dtype=b.dtype)], dim=1)
+        new_a = torch.cat([a, row_norm * extra.T])
+        new_b = torch.cat([b * rescale, torch.zeros(b.shape[0], new_rank - old_rank, dtype=b.dtype)], dim=1)
         dropped = 0.0
     else:  # shrink: re-factor and keep the top singular directions
         left, sigma, right = factorize(b, a)
-        new_a = scale * right[:, :new_rank].T
-        new_b = left[:, :new_rank] * sigma[:new_rank] / scale
-        dropped = float(layer.scaling[ADAPTER] ** 2 * sigma[new_rank:].square().sum())
+        new_a = row_norm * right[:, :new_rank].T
+        new_b = left[:, :new_rank] * sigma[:new_rank] * (rescale / row_norm)
+        dropped = float(old_scale**2 * sigma[new_rank:].square().sum())
 
     layer.lora_A[ADAPTER] = _linear(new_a, weight_a)
     layer.lora_B[ADAPTER] = _linear(new_b, weight_b)
     if optimizer is not None:
         grown = new_rank > old_rank > 0  # from rank 0 there is no state to carry: fresh moments and the LR ramp
         carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
-        carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None)
-    scaling = layer.scaling[ADAPTER]
+        carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None, factor=1 / rescale)
     layer.r[ADAPTER] = new_rank
-    layer.lora_alpha[ADAPTER] = scaling * new_rank
+    layer.scaling[ADAPTER] = new_scale
+    if not layer.use_rslora.get(ADAPTER, False):
+        layer.lora_alpha[ADAPTER] = new_scale * new_rank
     return ResizeResult(name, old_rank, new_rank, dropped)
 
 
-def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int | None) -> None:
+def carry_state(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int | None, factor: float = 1.0
+) -> None:
     """Hand `old`'s place in the optimizer to `new`.
 
     `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): `new` takes `old`'s slot in
-    its param group and its state, with the old entries' Adam moments kept exactly; appended entries get a zero first
+    its param group and its state, with the old entries' Adam moments kept (times `factor`, the ratio of new to old
+    gradients when the factor was rescaled; squared for second moments); appended entries get a zero first
     moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
     an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
     """
@@ -152,8 +160,9 @@ def carry_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Par
     carried = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == old.shape:
-            fill = float(value.mean()) if key.endswith("exp_avg_sq") else 0.0
-            grown = torch.full_like(new, fill)
+            second = key.endswith("exp_avg_sq")
+            value = value * (factor**2 if second else factor)
+            grown = torch.full_like(new, float(value.mean()) if second else 0.0)
             grown[block] = value
             carried[key] = grown
         else:
@@ -188,5 +197,7 @@ def apply_allocation(
             hint = (directions or {}).get(name)
             results.append(resize_layer(layers[name], name, rank, hint, generator, optimizer))
     config = model.peft_config[ADAPTER]
-    config.rank_pattern, config.alpha_pattern = lora_patterns(allocation.ranks, config.lora_alpha, config.r)
+    config.rank_pattern, config.alpha_pattern = lora_patterns(
+        allocation.ranks, config.lora_alpha, config.r, config.use_rslora
+    )
     return results
