@@ -370,8 +370,12 @@ def test_ranks_move_and_the_budget_holds(family_run):
 def test_export_and_stock_peft_reload_give_the_trained_logits(family_run, tmp_path):
     _, config, result = family_run
     exported = export_run(result.output_dir, tmp_path / "export")
-    assert exported["max_logit_diff"] < 1e-4
-    assert (Path(exported["adapter"]) / "adapter_model.safetensors").is_file()
+    assert exported["max_logit_diff"] < 1e-4 and exported["adapter_max_logit_diff"] < 1e-5
+    portable = json.loads((Path(exported["adapter"]) / "adapter_config.json").read_text())
+    trained = json.loads((result.output_dir / "adapter" / "adapter_config.json").read_text())
+    assert portable["alpha_pattern"] == {} and not portable["use_rslora"] and trained["alpha_pattern"]
+    assert portable["rank_pattern"] == trained["rank_pattern"] and portable["lora_alpha"] == config.adapter.alpha
+    assert "Scale convention" in (Path(exported["adapter"]) / "README.md").read_text()
 
     remote = config.model.trust_remote_code
     base, processor = load_model(config.model.name_or_path, trust_remote_code=remote)
@@ -384,6 +388,10 @@ def test_export_and_stock_peft_reload_give_the_trained_logits(family_run, tmp_pa
     with torch.no_grad():
         expected = result.model(**batch).logits
         assert torch.equal(reloaded(**batch).logits, expected)
+        portable_model = PeftModel.from_pretrained(
+            load_model(config.model.name_or_path, trust_remote_code=remote)[0], exported["adapter"]
+        ).eval()
+        torch.testing.assert_close(portable_model(**batch).logits, expected, rtol=0, atol=1e-5)
         merged, _ = load_model(exported["merged"], trust_remote_code=remote)
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-4)
     assert any(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)

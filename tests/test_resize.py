@@ -1,5 +1,6 @@
 """Resizing LoRA modules in place: exactness of grow and shrink, scale, PEFT round trip, training afterwards."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from hydra_rank.adapter import attach_lora
 from hydra_rank.config import RANK_SCALES, AdapterConfig
 from hydra_rank.loop import rebind_optimizer
 from hydra_rank.rank.budget import Allocation, discover_targets
-from hydra_rank.rank.lora import ADAPTER, lora_layers
+from hydra_rank.rank.lora import ADAPTER, fold_scales, lora_layers
 from hydra_rank.rank.resize import apply_allocation, factorize, resize_layer
 
 from .conftest import make_tiny_llava
@@ -214,3 +215,24 @@ def test_uniform_lora_ignores_the_convention(tokenizer):
     peft_model = attach_lora(model, AdapterConfig(method="lora", rank_scale="sqrt"), Allocation.uniform(targets, 4))
     config = peft_model.peft_config[ADAPTER]
     assert not config.use_rslora and config.lora_alpha == 8.0
+
+
+def test_folded_scales_keep_every_update_without_scale_patterns(adapted, rank_scale, tmp_path):
+    """The portable adapter: alpha/r_m with one global alpha (what llama.cpp applies), same ΔW, same ranks."""
+    model, targets = adapted
+    ranks = {t.name: 1 + (i * 5) % 8 for i, t in enumerate(targets)}
+    apply_allocation(model, Allocation(ranks, budget=10**9))
+    before = {name: delta_w(layer).detach().clone() for name, layer in lora_layers(model).items()}
+    fold_scales(model, alpha=8.0)
+    for name, layer in lora_layers(model).items():
+        assert layer.r[ADAPTER] == ranks[name] and layer.scaling[ADAPTER] == 8.0 / ranks[name]
+        torch.testing.assert_close(delta_w(layer), before[name], rtol=1e-5, atol=1e-7)
+    model.save_pretrained(tmp_path / "portable")
+    saved = json.loads((tmp_path / "portable" / "adapter_config.json").read_text())
+    assert saved["alpha_pattern"] == {} and saved["use_rslora"] is False and saved["lora_alpha"] == 8.0
+    reloaded = PeftModel.from_pretrained(
+        LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"), tmp_path / "portable"
+    )
+    assert {n: layer.scaling[ADAPTER] for n, layer in lora_layers(reloaded).items()} == {
+        n: 8.0 / r for n, r in ranks.items()
+    }

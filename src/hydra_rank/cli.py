@@ -233,7 +233,9 @@ def export(
     output_dir: Annotated[Path | None, typer.Option(help="Default: RUN_DIR/export.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT_DIR if it holds something else.")] = False,
 ) -> None:
-    """Write the stock PEFT adapter and a merged model (adapter folded into the weights) for serving. A previous
+    """Write a portable PEFT adapter (every module's scale folded into its weights: one global lora_alpha, no
+    alpha_pattern, so tools such as llama.cpp's LoRA converter apply it correctly) and a merged model (adapter folded
+    into the base weights) for serving. A previous
     export of the same run is replaced; any other folder that holds files only with --overwrite, and a run folder
     never (its own adapter would be replaced)."""
     with _user_errors():
@@ -241,7 +243,10 @@ def export(
 
         result = export_run(run_dir, output_dir or run_dir / "export", overwrite)
         console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
-        console.print(f"merge check: largest logit difference {result['max_logit_diff']:.2e}")
+        console.print(
+            f"checks against the run's adapter, largest logit difference: portable adapter "
+            f"{result['adapter_max_logit_diff']:.2e}, merged model {result['max_logit_diff']:.2e}"
+        )
 
 
 @app.command(

@@ -1,8 +1,14 @@
-"""Export a finished run: the stock PEFT adapter and a merged model (adapter folded into the base weights).
+"""Export a finished run: a portable PEFT adapter and a merged model (adapter folded into the base weights).
 
 Both are written with nothing of ours inside: the adapter loads with `PeftModel.from_pretrained`, the merged model
 with `AutoModelForImageTextToText`/`AutoModelForCausalLM.from_pretrained` and its processor with `AutoProcessor`.
-The merge is checked on a few evaluation samples: the largest logit difference is returned (float rounding only).
+
+The run's own adapter gives modules whose rank is not r0 their scale through `alpha_pattern` (or `use_rslora`).
+Tools that read one global `lora_alpha` and scale every module by alpha/rank (llama.cpp's LoRA converter and
+runtime) would apply it with the wrong scale, silently. The exported adapter is therefore *portable*: each module's
+scale is folded into its B (`rank/lora.py: fold_scales`), so alpha/rank with one global alpha is exact for every
+module, and its README says so. Both the portable adapter and the merge are checked against the run's adapter on a
+few evaluation samples: the largest logit differences are returned (float rounding only).
 """
 
 from __future__ import annotations
@@ -12,14 +18,24 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import PeftType
 
 from .config import load_config
 from .data import collate
 from .errors import ConfigError
 from .inputs import load_inputs
 from .models.loading import load_adapter
+from .rank.lora import ADAPTER, fold_scales
 from .utils import atomic_directory, check_folder_target, write_json
 
+SCALE_NOTE = """
+## Scale convention (hydra-rank)
+
+Modules of this adapter have different ranks (read them from the tensor shapes or `rank_pattern`). Every module's
+update is `lora_alpha / r_module · B·A`, with the single global `lora_alpha` of adapter_config.json: no
+`alpha_pattern`, no rsLoRA. hydra-rank folded each module's training scale into its B when exporting, so this is
+exact, and tools that only read the global alpha (llama.cpp's LoRA converter and runtime) apply it correctly.
+"""
 MARKER = "export.json"  # what an export folder was exported from: a later export of the same run may replace it
 
 
@@ -50,13 +66,30 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict
     with torch.no_grad():
         expected = model(**probe).logits
 
+    def difference(candidate: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float((candidate(**probe).logits - expected).abs().max())
+
+    portable = model.peft_config[ADAPTER].peft_type is PeftType.LORA  # AdaLoRA keeps its own format
+    if portable:
+        fold_scales(model, inputs.config.adapter.alpha)  # modules at r0 under the fixed convention keep their B
+    adapter_difference = difference(model)
     with atomic_directory(output_dir / "adapter") as staging:
-        shutil.copytree(adapter, staging, dirs_exist_ok=True)
+        if portable:
+            model.save_pretrained(staging)
+            with (staging / "README.md").open("a", encoding="utf-8") as card:
+                card.write(SCALE_NOTE)
+        else:
+            shutil.copytree(adapter, staging, dirs_exist_ok=True)
     merged = model.merge_and_unload()
-    with torch.no_grad():
-        difference = float((merged(**probe).logits - expected).abs().max())
+    merge_difference = difference(merged)
     with atomic_directory(output_dir / "merged") as staging:
         merged.save_pretrained(staging)
         processor.save_pretrained(staging)
     write_json(output_dir / MARKER, {"run": str(run_dir.resolve())})
-    return {"adapter": str(output_dir / "adapter"), "merged": str(output_dir / "merged"), "max_logit_diff": difference}
+    return {
+        "adapter": str(output_dir / "adapter"),
+        "merged": str(output_dir / "merged"),
+        "adapter_max_logit_diff": adapter_difference,
+        "max_logit_diff": merge_difference,
+    }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 
+import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
@@ -73,3 +74,20 @@ def strip_empty(model: PeftModel) -> list[str]:
         config.rank_pattern = {k: v for k, v in config.rank_pattern.items() if k not in keys}
         config.alpha_pattern = {k: v for k, v in config.alpha_pattern.items() if k not in keys}
     return emptied
+
+
+@torch.no_grad()
+def fold_scales(model: PeftModel, alpha: float) -> None:
+    """Make the adapter portable: give every module the scale alpha/r_m, the rule that stock PEFT and llama.cpp apply
+    with one global `lora_alpha` and no `alpha_pattern`/`use_rslora` (llama.cpp's converter reads neither), and fold
+    the difference into B, so every module's ΔW = s·B·A is unchanged (up to float rounding)."""
+    for layer in lora_layers(model).values():
+        rank = layer.r[ADAPTER]
+        if rank == 0:
+            continue
+        portable = alpha / rank
+        layer.lora_B[ADAPTER].weight.mul_(layer.scaling[ADAPTER] / portable)
+        layer.scaling[ADAPTER], layer.lora_alpha[ADAPTER] = portable, alpha
+        layer.use_rslora[ADAPTER] = False
+    config = model.peft_config[ADAPTER]
+    config.lora_alpha, config.alpha_pattern, config.use_rslora = alpha, {}, False
