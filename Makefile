@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-stamp
 # Every other package at the exact version of constraints.txt, the versions BENCHMARKS.md's figures were taken with.
 CONSTRAINTS := constraints.txt
 
-.PHONY: install demo test lint format bench lock clean
+.PHONY: install demo test lint format bench deploy-tools lock clean
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install lint
 bench: install
 	$(BIN)/hydra-rank bench configs/scenes.yaml --methods lora,hydra --lrs 5e-4,1e-3,2e-3,4e-3,8e-3 --seeds 0,1,2 \
 		--jobs 2 --output-dir runs/bench/scenes-r4
+
+# llama.cpp's C library through llama-cpp-python (export --format gguf --quant q4_k_m, and running GGUF files in
+# benchmarks/deploy.py): compiled from source, 15-30 minutes on 2 CPU cores, so not part of install
+deploy-tools: install
+	$(BIN)/python -m pip install -c $(CONSTRAINTS) llama-cpp-python
 
 lint: install
 	$(BIN)/ruff check src tests

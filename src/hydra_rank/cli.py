@@ -232,6 +232,13 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (config.yaml + adapter/).")],
     output_dir: Annotated[Path | None, typer.Option(help="Default: RUN_DIR/export.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT_DIR if it holds something else.")] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="hf: adapter + merged model; gguf: also OUTPUT_DIR/gguf for llama.cpp (docs/deploy.md)."
+        ),
+    ] = "hf",
+    quant: Annotated[str, typer.Option(help="GGUF weights: f16, q8_0 or q4_k_m (needs make deploy-tools).")] = "f16",
 ) -> None:
     """Write a portable PEFT adapter (every module's scale folded into its weights: one global lora_alpha, no
     alpha_pattern, so tools such as llama.cpp's LoRA converter apply it correctly) and a merged model (adapter folded
@@ -241,8 +248,15 @@ def export(
     with _user_errors():
         from .export import export_run
 
-        result = export_run(run_dir, output_dir or run_dir / "export", overwrite)
+        if fmt not in ("hf", "gguf"):
+            raise ConfigError(f"--format {fmt} is not supported; choose hf or gguf")
+        result = export_run(run_dir, output_dir or run_dir / "export", overwrite, quant if fmt == "gguf" else None)
         console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
+        for kind in ("gguf", "mmproj", "onnx"):
+            if kind in result:
+                console.print(f"{kind}: {result[kind]}")
+        if "onnx_max_diff" in result:
+            console.print(f"ONNX vision half vs PyTorch, largest difference: {result['onnx_max_diff']:.2e}")
         console.print(
             f"checks against the run's adapter, largest logit difference: portable adapter "
             f"{result['adapter_max_logit_diff']:.2e}, merged model {result['max_logit_diff']:.2e}"

@@ -22,6 +22,7 @@ from peft import PeftType
 
 from .config import load_config
 from .data import collate
+from .deploy import QUANTS, to_gguf, vision_kind, vision_to_onnx
 from .errors import ConfigError
 from .inputs import load_inputs
 from .models.loading import load_adapter
@@ -52,8 +53,11 @@ def check_export_target(run_dir: Path, output_dir: Path, overwrite: bool) -> Non
     check_folder_target(output_dir, overwrite, "export")
 
 
-def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict:
-    """Write `output_dir/adapter` (PEFT) and `output_dir/merged` (full model + processor) from a run directory."""
+def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: str | None = None) -> dict:
+    """Write `output_dir/adapter` (PEFT) and `output_dir/merged` (full model + processor) from a run directory; with
+    `quant`, also `output_dir/gguf` (`deploy.py`: the language model as GGUF, the vision half as mmproj or ONNX)."""
+    if quant is not None and quant not in QUANTS:
+        raise ConfigError(f"--quant {quant} is not supported; choose one of {', '.join(QUANTS)}")
     adapter = run_dir / "adapter"
     if not (run_dir / "config.yaml").is_file() or not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{run_dir} is not a finished run directory (needs config.yaml and adapter/)")
@@ -86,10 +90,18 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False) -> dict
     with atomic_directory(output_dir / "merged") as staging:
         merged.save_pretrained(staging)
         processor.save_pretrained(staging)
-    write_json(output_dir / MARKER, {"run": str(run_dir.resolve())})
-    return {
+    result = {
         "adapter": str(output_dir / "adapter"),
         "merged": str(output_dir / "merged"),
         "adapter_max_logit_diff": adapter_difference,
         "max_logit_diff": merge_difference,
     }
+    if quant is not None:
+        with atomic_directory(output_dir / "gguf") as staging:
+            files = to_gguf(output_dir / "merged", staging, quant)
+            if vision_kind(output_dir / "merged") == "onnx":
+                files["onnx"] = staging / "vision.onnx"
+                result["onnx_max_diff"] = vision_to_onnx(merged, probe["pixel_values"], files["onnx"])
+        result.update({kind: str(output_dir / "gguf" / path.name) for kind, path in files.items()})
+    write_json(output_dir / MARKER, {"run": str(run_dir.resolve())})
+    return result

@@ -1,0 +1,96 @@
+"""GGUF and ONNX export with llama.cpp's own converter: the files hold the merged model's weights, the ONNX vision
+half gives PyTorch's image embeddings, and what cannot be converted fails with one clear error."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from transformers import AutoModelForImageTextToText
+
+from hydra_rank.deploy import QUANTS, convert, quantize
+from hydra_rank.errors import ConfigError
+from hydra_rank.export import export_run
+from hydra_rank.train import run
+
+from .conftest import write_colour_dataset
+from .test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def vlm_run(tiny_llava_dir, tmp_path_factory):
+    """A tiny LLaVA fine-tuned with per-module ranks (so the scale convention matters), two steps."""
+    root = tmp_path_factory.mktemp("deploy")
+    config = tiny_config(tiny_llava_dir, write_colour_dataset(root / "data"), root / "run", max_steps=2)
+    config.adapter.method = "hydra-static"
+    config.adapter.calibration_batches = 1
+    return run(config, show_progress=False).output_dir
+
+
+def tensor(reader: GGUFReader, name: str) -> np.ndarray:
+    [found] = [t for t in reader.tensors if t.name == name]
+    return dequantize(found.data, found.tensor_type).reshape(tuple(reversed(found.shape.tolist())))
+
+
+@pytest.fixture(scope="module")
+def exported(vlm_run, tmp_path_factory):
+    return export_run(vlm_run, tmp_path_factory.mktemp("export") / "out", quant="q8_0")
+
+
+def test_gguf_holds_the_merged_language_model(exported):
+    merged = AutoModelForImageTextToText.from_pretrained(exported["merged"]).model.language_model
+    reader = GGUFReader(exported["gguf"])
+    fields = {field.name: field for field in reader.fields.values()}
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "llama"
+    down = merged.layers[0].mlp.down_proj.weight.detach().numpy()
+    quantized = tensor(reader, "blk.0.ffn_down.weight")  # q8_0: one scale per 32 values
+    assert quantized.shape == down.shape
+    assert np.abs(quantized - down).max() <= np.abs(down).max() / 127 + 1e-6
+    assert not np.array_equal(quantized, down)  # it really is quantized
+    embeddings = tensor(reader, "token_embd.weight")  # llama.cpp keeps the embeddings at higher precision
+    assert np.abs(embeddings - merged.embed_tokens.weight.detach().numpy()).max() < 1e-2
+
+
+def test_the_vision_half_goes_to_onnx_with_pytorchs_embeddings(exported):
+    """The tiny LLaVA's CLIP-style tower (like the built-in DINOv2) has no llama.cpp mmproj path here: ONNX."""
+    assert "mmproj" not in exported and exported["onnx"].endswith("vision.onnx")
+    assert exported["onnx_max_diff"] < 1e-4
+
+
+def test_gguf_f16_holds_the_merged_weights_exactly(exported, tmp_path):
+    f16 = convert(Path(exported["merged"]), tmp_path / "f16.gguf", "f16")
+    assert f16.stat().st_size > Path(exported["gguf"]).stat().st_size  # q8_0 is smaller
+    merged = AutoModelForImageTextToText.from_pretrained(exported["merged"]).model.language_model
+    up = merged.layers[1].mlp.up_proj.weight.detach()
+    np.testing.assert_array_equal(tensor(GGUFReader(f16), "blk.1.ffn_up.weight"), up.half().float().numpy())
+
+
+def test_unsupported_quant_and_missing_quantizer_are_one_line_errors(vlm_run, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"--quant q3_k is not supported; choose one of f16, q8_0, q4_k_m"):
+        export_run(vlm_run, tmp_path / "out", quant="q3_k")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without `make deploy-tools`
+    with pytest.raises(ConfigError, match=r"--quant q4_k_m needs llama.cpp's quantizer .* run `make deploy-tools`"):
+        quantize(tmp_path / "model-f16.gguf", tmp_path / "model-q4_k_m.gguf", "q4_k_m")
+    assert QUANTS == ("f16", "q8_0", "q4_k_m")
+
+
+def test_a_family_llama_cpp_cannot_convert_fails_with_the_converters_reason(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"], "model_type": "x"}))
+    with pytest.raises(
+        ConfigError, match=r"llama.cpp's converter .* cannot convert .*model: .*NoSuchModelForCausalLM"
+    ):
+        convert(folder, tmp_path / "x.gguf", "f16")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_run_without_an_adapter_cannot_be_exported(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("train: {max_steps: 1}\n")
+    with pytest.raises(ConfigError, match="is not a finished run directory"):
+        export_run(tmp_path / "run", tmp_path / "out", quant="f16")
