@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoModelForImageTextToText
 
-from hydra_rank.deploy import QUANTS, convert, quantize
+from hydra_rank.deploy import QUANTS, convert, quantize, to_gguf
 from hydra_rank.errors import ConfigError
 from hydra_rank.export import export_run
 from hydra_rank.train import run
@@ -94,3 +95,22 @@ def test_a_run_without_an_adapter_cannot_be_exported(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("train: {max_steps: 1}\n")
     with pytest.raises(ConfigError, match="is not a finished run directory"):
         export_run(tmp_path / "run", tmp_path / "out", quant="f16")
+
+
+def test_a_gemma3_vlm_gets_a_gguf_and_an_mmproj_for_llama_cpps_runtime(tmp_path):
+    """Gemma 3's SigLIP tower is one llama.cpp's multimodal runtime runs: its weights go to mmproj-f16.gguf."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    from .test_families import gemma3
+
+    torch.manual_seed(0)
+    model, processor = gemma3()
+    # saved as hub checkpoints are (a model built from a config would drop SigLIP's `vision_model.` level)
+    model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    written = to_gguf(tmp_path / "model", tmp_path / "gguf", "f16")
+    assert set(written) == {"gguf", "mmproj"}
+    patch = model.model.vision_tower.embeddings.patch_embedding.weight.detach()
+    np.testing.assert_array_equal(tensor(GGUFReader(written["mmproj"]), "v.patch_embd.weight"), patch.numpy())  # f32
+    assert "v.patch_embd.weight" not in {t.name for t in GGUFReader(written["gguf"]).tensors}
