@@ -95,6 +95,11 @@ def test_a_run_without_an_adapter_cannot_be_exported(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("train: {max_steps: 1}\n")
     with pytest.raises(ConfigError, match="is not a finished run directory"):
         export_run(tmp_path / "run", tmp_path / "out", quant="f16")
+    (tmp_path / "run" / "model").mkdir()  # what method full saves
+    (tmp_path / "run" / "model" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a full fine-tuning run: it has no adapter to export"):
+        export_run(tmp_path / "run", tmp_path / "out", quant="f16")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_gemma3_vlm_gets_a_gguf_and_an_mmproj_for_llama_cpps_runtime(tmp_path):

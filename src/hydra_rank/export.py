@@ -59,6 +59,11 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: 
     if quant is not None and quant not in QUANTS:
         raise ConfigError(f"--quant {quant} is not supported; choose one of {', '.join(QUANTS)}")
     adapter = run_dir / "adapter"
+    if (run_dir / "model" / "config.json").is_file() and not adapter.is_dir():
+        raise ConfigError(
+            f"{run_dir} is a full fine-tuning run: it has no adapter to export, and {run_dir / 'model'} already is "
+            "the merged model (load it with from_pretrained, or give that folder to llama.cpp's converter)"
+        )
     if not (run_dir / "config.yaml").is_file() or not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"{run_dir} is not a finished run directory (needs config.yaml and adapter/)")
     check_export_target(run_dir, output_dir, overwrite)
