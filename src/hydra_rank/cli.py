@@ -242,9 +242,10 @@ def export(
 ) -> None:
     """Write a portable PEFT adapter (every module's scale folded into its weights: one global lora_alpha, no
     alpha_pattern, so tools such as llama.cpp's LoRA converter apply it correctly) and a merged model (adapter folded
-    into the base weights) for serving. A previous
-    export of the same run is replaced; any other folder that holds files only with --overwrite, and a run folder
-    never (its own adapter would be replaced)."""
+    into the base weights) for serving; with --format gguf also the GGUF file for llama.cpp and the vision half
+    (mmproj, or ONNX where llama.cpp has no runtime for the tower). A previous export of the same run is replaced; any
+    other folder that holds files only with --overwrite, and a run folder never (its own adapter would be
+    replaced)."""
     with _user_errors():
         from .export import export_run
 
@@ -252,15 +253,15 @@ def export(
             raise ConfigError(f"--format {fmt} is not supported; choose hf or gguf")
         result = export_run(run_dir, output_dir or run_dir / "export", overwrite, quant if fmt == "gguf" else None)
         console.print(f"adapter: {result['adapter']}\nmerged model: {result['merged']}")
+        console.print(
+            f"checks against the run's adapter, largest logit difference: portable adapter "
+            f"{result['adapter_max_logit_diff']:.2e}, merged model {result['max_logit_diff']:.2e}"
+        )
         for kind in ("gguf", "mmproj", "onnx"):
             if kind in result:
                 console.print(f"{kind}: {result[kind]}")
         if "onnx_max_diff" in result:
             console.print(f"ONNX vision half vs PyTorch, largest difference: {result['onnx_max_diff']:.2e}")
-        console.print(
-            f"checks against the run's adapter, largest logit difference: portable adapter "
-            f"{result['adapter_max_logit_diff']:.2e}, merged model {result['max_logit_diff']:.2e}"
-        )
 
 
 @app.command(
