@@ -19,14 +19,10 @@ Optimizer state, handled explicitly:
 - grown factors keep their Adam state: the old entries' moments are carried over (they are the same coordinates;
   when B is rescaled by c, its gradient is scaled by 1/c, and so are its moments: m/c, v/c²), the appended entries
   start with a zero first moment and the tensor's mean second moment;
-- re-factored (shrunk) factors keep their place, step count and scale of Adam state, not its coordinates: the
-  change of basis mixes coordinates, so every entry starts with a zero first moment and the old tensor's mean second
-  moment (the factors are rescaled to the old row norm c, so their gradients keep their size). Fresh moments were
-  worse: Adam's first steps from an empty second moment move every coordinate by about the full learning rate
-  whatever its gradient, and in the benchmarks each decision was followed 2-3 steps later (when the
-  learning-rate ramp reached full rate) by a training-loss spike of up to +0.7 over uniform LoRA's;
-- a module grown from rank 0 has no state to carry: its parameters join the optimizer fresh, with a short
-  learning-rate ramp (`schedule.resize_warmup_steps`).
+- re-factored (shrunk) factors get fresh state: the change of basis mixes coordinates, and Adam's per-coordinate
+  second moment has no exact image under it (a rotated first moment with a guessed second moment would hand the
+  new coordinates a history they never had). The loop gives them a short learning-rate warm-up
+  (`schedule.resize_warmup_steps`) so their first, moment-free Adam steps stay small.
 Modules whose rank does not change keep their parameters and optimizer state untouched.
 """
 
@@ -127,7 +123,7 @@ def resize_layer(
     layer.lora_A[ADAPTER] = _linear(new_a, weight_a)
     layer.lora_B[ADAPTER] = _linear(new_b, weight_b)
     if optimizer is not None:
-        grown = new_rank > old_rank
+        grown = new_rank > old_rank > 0  # from rank 0 there is no state to carry: fresh moments and the LR ramp
         carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
         carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None, factor=1 / rescale)
     layer.r[ADAPTER] = new_rank
@@ -140,28 +136,25 @@ def resize_layer(
 def carry_state(
     optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int | None, factor: float = 1.0
 ) -> None:
-    """Hand `old`'s place in the optimizer (its param group slot and its Adam state) to `new`.
+    """Hand `old`'s place in the optimizer to `new`.
 
-    `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): the old entries' moments are
-    kept (times `factor`, the ratio of new to old gradients when the factor was rescaled; squared for second
-    moments); appended entries get a zero first moment and the tensor's mean second moment, so their first steps are
-    ordinary-sized (neither the 3x jump of an unbiased fresh moment nor a frozen one). `axis` None (a re-factored
-    factor, coordinates mixed): every entry gets a zero first moment and the mean second moment. Without state to
-    carry (`old` never stepped, or was empty: a module at rank 0) `old` just leaves the optimizer, and the loop's
-    re-bind adds `new` with fresh state and the learning-rate ramp.
+    `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): `new` takes `old`'s slot in
+    its param group and its state, with the old entries' Adam moments kept (times `factor`, the ratio of new to old
+    gradients when the factor was rescaled; squared for second moments); appended entries get a zero first
+    moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
+    an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
     """
     base = unwrap_optimizer(optimizer)
     state = base.state.pop(old, None)
-    carry = bool(state) and old.numel() > 0 and new.numel() > 0
     for group in base.param_groups:
         for index, parameter in enumerate(group["params"]):
             if parameter is old:
-                if carry:
-                    group["params"][index] = new
-                else:
+                if axis is None:
                     del group["params"][index]
+                else:
+                    group["params"][index] = new
                 break
-    if not carry:
+    if axis is None or not state:
         return
     block = tuple(slice(0, size) for size in old.shape)
     carried = {}
@@ -169,10 +162,9 @@ def carry_state(
         if torch.is_tensor(value) and value.shape == old.shape:
             second = key.endswith("exp_avg_sq")
             value = value * (factor**2 if second else factor)
-            moved = torch.full_like(new, float(value.mean()) if second else 0.0)
-            if axis is not None:
-                moved[block] = value
-            carried[key] = moved
+            grown = torch.full_like(new, float(value.mean()) if second else 0.0)
+            grown[block] = value
+            carried[key] = grown
         else:
             carried[key] = value
     base.state[new] = carried
