@@ -15,7 +15,7 @@ from hydra_rank.rank.resize import resize_layer
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
-from .test_resize import adapted, delta_w  # noqa: F401 - the fixture is used by name
+from .test_resize import adapted, delta_w, rank_scale  # noqa: F401 - the fixtures are used by name
 from .test_train import tiny_config
 
 

@@ -67,9 +67,10 @@ class AdapterConfig:
     method: str = DEFAULT_METHOD  # one of `methods.METHODS` (`hydra-rank methods` lists them)
     rank: int = 4  # r0; the trainable-parameter budget is the size of uniform LoRA at this rank
     alpha: float = 8.0  # a module at rank r0 scales its update by alpha / r0 (as uniform LoRA does)
-    # a module at another rank r (methods that allocate): fixed: alpha/r0 too; sqrt: alpha/r0 · sqrt(r0/r), PEFT's
-    # rsLoRA rule, under which one optimizer step moves a module's update by the same amount at any rank
-    rank_scale: str = "fixed"
+    # a module at another rank r (methods that allocate): sqrt: alpha/r0 · sqrt(r0/r), PEFT's rsLoRA rule, under
+    # which one optimizer step moves a module's update by about the same amount at any rank; fixed: alpha/r0 too
+    # (grown modules then learn faster than uniform LoRA's, and a learning rate tuned near LoRA's limit overshoots)
+    rank_scale: str = "sqrt"
     dropout: float = 0.0
     target_modules: list[str] | None = None  # short names (q_proj, ...); None: every linear of every decoder layer
     # where adapters go: the language model, plus optionally every linear of the vision tower and/or the projector;

@@ -7,11 +7,12 @@ module name).
 
 Scale conventions, kept here and nowhere else. A module at rank r0 scales its update by alpha/r0, exactly as uniform
 LoRA does; a module at another rank r gets
-- fixed (default): alpha/r0 as well (alpha_m = alpha/r0 · r_m in `alpha_pattern`). A grown module's update can then
-  move faster per step than uniform LoRA's: more directions, each at the same scale;
-- sqrt: alpha/r0 · sqrt(r0/r), which is PEFT's rsLoRA rule `lora_alpha/sqrt(r)` with one global
+- sqrt (default): alpha/r0 · sqrt(r0/r), which is PEFT's rsLoRA rule `lora_alpha/sqrt(r)` with one global
   lora_alpha = alpha/sqrt(r0) (`use_rslora`, no `alpha_pattern`): one optimizer step moves a module's update by
-  about the same amount whatever its rank, so a learning rate tuned for uniform LoRA stays safe for every module.
+  about the same amount whatever its rank, so a learning rate tuned for uniform LoRA stays safe for every module;
+- fixed: alpha/r0 as well (alpha_m = alpha/r0 · r_m in `alpha_pattern`). A grown module's update then moves faster
+  per step than uniform LoRA's (more directions, each at the same scale): at a learning rate near LoRA's best, HyDRA
+  trained worse than LoRA between decisions and lost (BENCHMARKS.md, ablations).
 Either way a resize keeps ΔW = s·B·A exactly (`resize.py` rescales B when s changes). The first attach
 (`adapter.py`) and every resize write their patterns with `lora_patterns`.
 """
