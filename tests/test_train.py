@@ -3,11 +3,12 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
 
-from hydra_rank.config import from_dict
+from hydra_rank.config import ScheduleConfig, from_dict
 from hydra_rank.data import ChatEncoder, collate, load_samples
 from hydra_rank.errors import ConfigError
 from hydra_rank.inputs import load_model
@@ -210,3 +211,48 @@ def test_full_fine_tuning_trains_the_language_model_only(tiny_llava_dir, colour_
     assert result.metrics["trainable_params"] == language  # the head is tied to the embeddings
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     assert (result.output_dir / "model" / "model.safetensors").is_file()
+
+
+def dynamic_config(model_dir, dataset, output_dir, **train):
+    """HyDRA deciding at steps 1-5 of 6, with the budget checked after every step."""
+    config = tiny_config(model_dir, dataset, output_dir, max_steps=6, debug_checks=True, **train)
+    config.adapter.method, config.adapter.max_rank = "hydra", 6
+    config.schedule = ScheduleConfig(
+        warmup_fraction=0.2, interval_fraction=0.2, freeze_fraction=0.9, signal_steps=1, max_move_fraction=0.3
+    )
+    return config
+
+
+def test_gradient_checkpointing_gives_the_same_decisions(tiny_llava_dir, tmp_path):
+    """The recomputed forward must not feed the gradient sketches a second time: same spectra, same ranks."""
+    from .conftest import write_colour_dataset
+
+    dataset = write_colour_dataset(tmp_path / "data")
+    histories, losses = [], []
+    for checkpointing in (False, True):
+        config = dynamic_config(tiny_llava_dir, dataset, tmp_path / f"run-{checkpointing}")
+        config.train.gradient_checkpointing = checkpointing
+        result = run(config, show_progress=False)
+        histories.append([e["ranks"] for e in read_jsonl(result.output_dir / "allocation_history.jsonl")])
+        losses.append([r["loss"] for r in read_jsonl(result.output_dir / "log.jsonl")])
+    assert len(histories[0]) == 5 and len({tuple(h.values()) for h in histories[0]}) > 1  # ranks really moved
+    assert histories[0] == histories[1]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_bf16_mixed_precision_trains_hydra_within_the_budget(tiny_llava_dir, tmp_path):
+    from .conftest import write_colour_dataset
+
+    dataset = write_colour_dataset(tmp_path / "data")
+    losses = {}
+    for precision in ("bf16", "no"):  # one process, two precisions: the second run must not inherit the first's
+        config = dynamic_config(tiny_llava_dir, dataset, tmp_path / f"run-{precision}")
+        config.train.mixed_precision = precision
+        result = run(config, show_progress=False)
+        history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+        assert len(history) == 5 and all(e["used_params"] <= e["budget_params"] for e in history)
+        losses[precision] = [r["loss"] for r in read_jsonl(result.output_dir / "log.jsonl")]
+        assert next(p for p in result.model.parameters() if p.requires_grad).dtype == torch.float32  # autocast only
+    assert all(np.isfinite(losses["bf16"]))
+    assert losses["bf16"][0] != losses["no"][0]  # the forward really ran in bf16
+    np.testing.assert_allclose(losses["bf16"][0], losses["no"][0], rtol=0.05)

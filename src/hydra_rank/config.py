@@ -35,6 +35,7 @@ SCHEDULE_INITS = ("warmup", "calibrated")
 RANK_SCALES = ("fixed", "sqrt")
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISIONS = ("no", "bf16")
 
 
 @dataclass
@@ -123,6 +124,10 @@ class TrainConfig:
     save: bool = True  # save the adapter (full: the model); benchmarks that only need metrics can skip it
     checkpoint_every: int = 0  # steps between checkpoints for --resume (0: none)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
+    # recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, ~30 %
+    # more compute); HyDRA's gradient sketches see every module's gradient once either way
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16: Accelerate's autocast for forward and backward (weights stay as loaded)
 
 
 @dataclass
@@ -279,6 +284,10 @@ def validate(config: RunConfig) -> RunConfig:
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _require(t.warmup_steps >= 0 and t.eval_every >= 0, "train.warmup_steps and train.eval_every must be >= 0")
     _require(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    _require(
+        t.mixed_precision in MIXED_PRECISIONS,
+        f"train.mixed_precision must be one of {MIXED_PRECISIONS}, got {t.mixed_precision!r}",
+    )
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be at least 1, got {t.keep_checkpoints}")
     _require(config.eval.batch_size >= 1 and config.eval.max_new_tokens >= 1, "eval sizes must be at least 1")
     return config

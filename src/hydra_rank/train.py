@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
@@ -110,7 +111,13 @@ def open_run(config: RunConfig, overwrite: bool, resume: bool) -> tuple[Accelera
     work = out
     if state is None and overwrite and out.is_dir() and any(out.iterdir()):
         work = out.with_name(f".{out.name}.overwrite")  # the same name in every process
-    accelerator = Accelerator(log_with="tensorboard", project_dir=str(work))
+    precision = config.train.mixed_precision
+    state_now = AcceleratorState._shared_state
+    if state_now and state_now.get("_mixed_precision", precision) != precision:
+        # Accelerate keeps one precision per process; a later run in the same process (a notebook, the Python API)
+        # may ask for another. Only the precision part is reset: the processes and their group stay as they are.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(work), mixed_precision=precision)
     if accelerator.is_main_process:
         if state is None:
             if work != out:
@@ -218,6 +225,8 @@ def set_up(
     t = config.train
     inputs = load_inputs(config)
     inputs.model.to(accelerator.device)
+    if t.gradient_checkpointing:  # non-reentrant: the backward runs the recomputed forward once, hooks included
+        inputs.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if state is None:
         adapted, optimizer = _fresh_start(config, inputs, accelerator, show, out)
     else:
