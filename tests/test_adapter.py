@@ -37,13 +37,14 @@ def test_ranks_and_scale_follow_the_allocation(tokenizer):
     model, _ = make_tiny_llava(tokenizer)
     targets = discover_targets(model)
     allocation = uneven(targets)
-    config = AdapterConfig(rank=4, alpha=8.0)
+    config = AdapterConfig(rank=4, alpha=8.0)  # the default rank_scale: sqrt
     peft_model = attach_lora(model, config, allocation)
     layers = {name: m for name, m in peft_model.base_model.model.named_modules() if isinstance(m, LoraLayer)}
     assert set(layers) == set(allocation.ranks)  # nothing in the vision tower
     for name, layer in layers.items():
-        assert layer.r["default"] == allocation.ranks[name]
-        assert layer.scaling["default"] == pytest.approx(2.0)  # alpha / r0 for every module
+        rank = allocation.ranks[name]
+        assert layer.r["default"] == rank
+        assert layer.scaling["default"] == pytest.approx(2.0 * (4 / rank) ** 0.5)  # alpha/r0 · sqrt(r0/r)
         assert layer.lora_A["default"].weight.shape[0] == allocation.ranks[name]  # physically that size
     assert trainable_parameters(peft_model) == allocation.params(targets)
 

@@ -80,7 +80,7 @@ def test_reuse_ignores_only_what_cannot_change_the_result():
         assert (what_matters(changed) == what_matters(config)) is (config is lora)  # only hydra reads its schedule
         other_lr = {**config, "train": {**config["train"], "lr": 1.0}}
         assert what_matters(other_lr) != what_matters(config)
-        scaled = {**config, "adapter": {**config["adapter"], "rank_scale": "sqrt"}}
+        scaled = {**config, "adapter": {**config["adapter"], "rank_scale": "fixed"}}
         assert (what_matters(scaled) == what_matters(config)) is (config is lora)  # uniform LoRA has only rank r0
 
 
