@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=".venv/bin/hydra-rank bench"
-LRS=5e-4,1e-3,2e-3,4e-3,8e-3  # the same grid for every method (full fine-tuning: x 0.01, see methods.py lr_scale)
+LRS=1e-3,2e-3,4e-3,8e-3  # the same grid for every method (full fine-tuning: x 0.01, see methods.py lr_scale)
 
 # headline cell (make bench): scenes at the budget of uniform rank 4, lora and hydra tuned
 $BENCH configs/scenes.yaml --methods lora,hydra --lrs $LRS --seeds 0,1,2 --jobs 2 --output-dir runs/bench/scenes-r4
