@@ -5,7 +5,15 @@ from collections import Counter
 
 import pytest
 
-from hydra_rank.bench import best_lrs, run_all, run_bench, sweep_configs, sweep_table, what_matters
+from hydra_rank.bench import (
+    best_lrs,
+    run_all,
+    run_bench,
+    sweep_configs,
+    sweep_table,
+    what_matters,
+    with_added_keys,
+)
 from hydra_rank.config import DataConfig, from_dict, load_config
 from hydra_rank.data import load_samples, split_validation
 from hydra_rank.errors import ConfigError, DataError
@@ -82,6 +90,18 @@ def test_reuse_ignores_only_what_cannot_change_the_result():
         assert what_matters(other_lr) != what_matters(config)
         scaled = {**config, "adapter": {**config["adapter"], "rank_scale": "fixed"}}
         assert (what_matters(scaled) == what_matters(config)) is (config is lora)  # uniform LoRA has only rank r0
+
+
+def test_runs_recorded_before_a_key_existed_compare_at_its_old_behaviour():
+    """A LoRA run recorded before rank_scale / gradient_checkpointing / mixed_precision existed is still reusable; a
+    HyDRA run recorded then (fixed scale) is not the sqrt default's run."""
+    for method, reusable in (("lora", True), ("hydra", False)):
+        current = from_dict({"adapter": {"method": method}}).to_dict()
+        old = {section: dict(values) for section, values in current.items()}
+        del old["adapter"]["rank_scale"], old["train"]["gradient_checkpointing"], old["train"]["mixed_precision"]
+        assert (what_matters(with_added_keys(old)) == what_matters(current)) is reusable
+        fixed = {**current, "adapter": {**current["adapter"], "rank_scale": "fixed"}}
+        assert what_matters(with_added_keys(old)) == what_matters(fixed)
 
 
 def test_full_fine_tuning_sweeps_a_lower_grid(tmp_path):

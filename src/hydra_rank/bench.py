@@ -92,13 +92,32 @@ def what_matters(config: dict) -> dict:
     return relevant
 
 
+# Keys added to the configuration after runs were recorded, with the value that reproduces what a run without the key
+# did. A finished run whose config.yaml lacks one is compared as if it had that value, so adding a key (whatever its
+# new default) neither discards finished runs it cannot change nor reuses runs it would change.
+ADDED_KEYS = {
+    ("adapter", "rank_scale"): "fixed",
+    ("train", "gradient_checkpointing"): False,
+    ("train", "mixed_precision"): "no",
+}
+
+
+def with_added_keys(config: dict) -> dict:
+    """`config` (a finished run's, as a dict) with every key of `ADDED_KEYS` it lacks, at its old behaviour."""
+    filled = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(filled.get(section), dict):
+            filled[section].setdefault(key, value)
+    return filled
+
+
 def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None, reuse: bool = True) -> dict:
     """The run's metrics: from its folder when it already finished with the same configuration (in every key that
     can change its result) and `reuse` allows it, else trained."""
     run_dir = Path(config.train.output_dir)
     previous = run_dir / "config.yaml"
     if reuse and (run_dir / "metrics.json").is_file() and previous.is_file():
-        finished = yaml.safe_load(previous.read_text(encoding="utf-8"))
+        finished = with_added_keys(yaml.safe_load(previous.read_text(encoding="utf-8")))
         if what_matters(finished) == what_matters(config.to_dict()):
             return json.loads((run_dir / "metrics.json").read_text())
     return run_isolated(config, config_path, threads)

@@ -79,7 +79,7 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: 
         with torch.no_grad():
             return float((candidate(**probe).logits - expected).abs().max())
 
-    portable = model.peft_config[ADAPTER].peft_type is PeftType.LORA  # AdaLoRA keeps its own format
+    portable = model.peft_config[ADAPTER].peft_type == PeftType.LORA  # AdaLoRA keeps its own format
     if portable:
         fold_scales(model, inputs.config.adapter.alpha)  # modules at r0 under the fixed convention keep their B
     adapter_difference = difference(model)
