@@ -6,6 +6,10 @@
 # scenes run takes 8-15 minutes (two at a time with --jobs 2). BENCHMARKS.md says which lines were run at which commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# To continue from the runs committed with the results instead of training them again (each run folder's config.yaml,
+# metrics.json and logs; the bench reuses a run whose configuration matches), copy them in first:
+#   for d in benchmarks/results/*/runs; do cell=$(basename "$(dirname "$d")"); mkdir -p "runs/bench/${cell%-lora-sweep}";
+#     cp -rn "$d"/. "runs/bench/${cell%-lora-sweep}/"; done
 BENCH=".venv/bin/hydra-rank bench"
 LRS=1e-3,2e-3,4e-3,8e-3  # the same grid for every method (full fine-tuning: x 0.01, see methods.py lr_scale)
 
