@@ -12,7 +12,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from transformers import AutoModelForImageTextToText
 
-from hydra_rank.deploy import QUANTS, convert, quantize, to_gguf
+from hydra_rank.deploy import QUANTS, convert, quantize, to_gguf, vision_kind
 from hydra_rank.errors import ConfigError
 from hydra_rank.export import export_run
 from hydra_rank.train import run
@@ -114,7 +114,7 @@ def test_a_gemma3_vlm_gets_a_gguf_and_an_mmproj_for_llama_cpps_runtime(tmp_path)
     model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    written = to_gguf(tmp_path / "model", tmp_path / "gguf", "f16")
+    written = to_gguf(tmp_path / "model", tmp_path / "gguf", "f16", mmproj=vision_kind(tmp_path / "model") == "mmproj")
     assert set(written) == {"gguf", "mmproj"}
     patch = model.model.vision_tower.embeddings.patch_embedding.weight.detach()
     np.testing.assert_array_equal(tensor(GGUFReader(written["mmproj"]), "v.patch_embd.weight"), patch.numpy())  # f32

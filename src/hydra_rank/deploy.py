@@ -98,11 +98,15 @@ def quantize(f16: Path, output: Path, quant: str) -> Path:
     return output
 
 
-def to_gguf(model_dir: Path, output_dir: Path, quant: str) -> dict[str, Path]:
-    """The language model of the merged model in `model_dir` as `model-QUANT.gguf`, and the vision half where
-    llama.cpp takes it as `mmproj-f16.gguf`. Returns the files written."""
+def check_quant(quant: str) -> None:
     if quant not in QUANTS:
         raise ConfigError(f"--quant {quant} is not supported; choose one of {', '.join(QUANTS)}")
+
+
+def to_gguf(model_dir: Path, output_dir: Path, quant: str, mmproj: bool) -> dict[str, Path]:
+    """The language model of the merged model in `model_dir` as `model-QUANT.gguf`, and with `mmproj` its vision
+    half as `mmproj-f16.gguf` (for towers llama.cpp runs: `vision_kind`). Returns the files written."""
+    check_quant(quant)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = output_dir / f"model-{quant}.gguf"
     if quant in C_QUANTS:
@@ -111,7 +115,7 @@ def to_gguf(model_dir: Path, output_dir: Path, quant: str) -> dict[str, Path]:
     else:
         convert(model_dir, model, quant)
     written = {"gguf": model}
-    if vision_kind(model_dir) == "mmproj":
+    if mmproj:
         written["mmproj"] = convert(model_dir, output_dir / "mmproj-f16.gguf", "f16", mmproj=True)
     return written
 

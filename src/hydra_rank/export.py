@@ -22,7 +22,7 @@ from peft import PeftType
 
 from .config import load_config
 from .data import collate
-from .deploy import QUANTS, to_gguf, vision_kind, vision_to_onnx
+from .deploy import check_quant, to_gguf, vision_kind, vision_to_onnx
 from .errors import ConfigError
 from .inputs import load_inputs
 from .models.loading import load_adapter
@@ -56,8 +56,8 @@ def check_export_target(run_dir: Path, output_dir: Path, overwrite: bool) -> Non
 def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: str | None = None) -> dict:
     """Write `output_dir/adapter` (PEFT) and `output_dir/merged` (full model + processor) from a run directory; with
     `quant`, also `output_dir/gguf` (`deploy.py`: the language model as GGUF, the vision half as mmproj or ONNX)."""
-    if quant is not None and quant not in QUANTS:
-        raise ConfigError(f"--quant {quant} is not supported; choose one of {', '.join(QUANTS)}")
+    if quant is not None:
+        check_quant(quant)  # before the slow part
     adapter = run_dir / "adapter"
     if (run_dir / "model" / "config.json").is_file() and not adapter.is_dir():
         raise ConfigError(
@@ -102,9 +102,10 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: 
         "max_logit_diff": merge_difference,
     }
     if quant is not None:
+        vision = vision_kind(output_dir / "merged")
         with atomic_directory(output_dir / "gguf") as staging:
-            files = to_gguf(output_dir / "merged", staging, quant)
-            if vision_kind(output_dir / "merged") == "onnx":
+            files = to_gguf(output_dir / "merged", staging, quant, mmproj=vision == "mmproj")
+            if vision == "onnx":
                 files["onnx"] = staging / "vision.onnx"
                 result["onnx_max_diff"] = vision_to_onnx(merged, probe["pixel_values"], files["onnx"])
         result.update({kind: str(output_dir / "gguf" / path.name) for kind, path in files.items()})

@@ -54,6 +54,15 @@ def module_scale(layer: LoraLayer, rank: int) -> float:
     return layer.scaling[ADAPTER]
 
 
+def set_rank(layer: LoraLayer, rank: int) -> None:
+    """Record `layer`'s new rank with the scale `module_scale` gives it: under rsLoRA the global lora_alpha stays
+    and the scale follows the rank; under the fixed convention the scale stays and lora_alpha = scale·rank follows."""
+    scale = module_scale(layer, rank)
+    layer.r[ADAPTER], layer.scaling[ADAPTER] = rank, scale
+    if not layer.use_rslora.get(ADAPTER, False):
+        layer.lora_alpha[ADAPTER] = scale * rank
+
+
 def lora_layers(model: PeftModel) -> dict[str, LoraLayer]:
     """LoRA layers by full module name (as in `Target.name`)."""
     return {name: module for name, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer)}

@@ -37,7 +37,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..utils import unwrap_optimizer
-from .lora import ADAPTER, lora_layers, lora_patterns, module_scale
+from .lora import ADAPTER, lora_layers, lora_patterns, module_scale, set_rank
 
 if TYPE_CHECKING:
     from .budget import Allocation
@@ -126,10 +126,7 @@ def resize_layer(
         grown = new_rank > old_rank > 0  # from rank 0 there is no state to carry: fresh moments and the LR ramp
         carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
         carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None, factor=1 / rescale)
-    layer.r[ADAPTER] = new_rank
-    layer.scaling[ADAPTER] = new_scale
-    if not layer.use_rslora.get(ADAPTER, False):
-        layer.lora_alpha[ADAPTER] = new_scale * new_rank
+    set_rank(layer, new_rank)
     return ResizeResult(name, old_rank, new_rank, dropped)
 
 
