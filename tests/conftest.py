@@ -36,15 +36,18 @@ def tokenizer():
     return tok
 
 
-def make_tiny_llava(tokenizer, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def make_tiny_llava(
+    tokenizer, seed: int = 0, hidden: int = 32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A 2-layer LLaVA; `hidden` >= 64 where bitsandbytes quantizes it (its CPU kernels pack 64-wide blocks)."""
     torch.manual_seed(seed)
     vision = Dinov2Config(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=TINY_IMAGE_SIZE
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -96,6 +96,7 @@ def what_matters(config: dict) -> dict:
 # did. A finished run whose config.yaml lacks one is compared as if it had that value, so adding a key (whatever its
 # new default) neither discards finished runs it cannot change nor reuses runs it would change.
 ADDED_KEYS = {
+    ("model", "quantization"): "none",
     ("adapter", "rank_scale"): "fixed",
     ("train", "gradient_checkpointing"): False,
     ("train", "mixed_precision"): "no",

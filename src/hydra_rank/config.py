@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, DataError
-from .methods import DEFAULT_METHOD, METHODS, Method, get_method
+from .methods import DEFAULT_METHOD, METHODS, Method, Trainable, get_method
 from .utils import one_line, read_text_file, short_repr
 
 # Names of the built-in models (built on first use by `builtin.py`) and the system prompt the built-in VLM's
@@ -35,6 +35,7 @@ SCHEDULE_INITS = ("warmup", "calibrated")
 RANK_SCALES = ("fixed", "sqrt")
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 MIXED_PRECISIONS = ("no", "bf16")
 
 
@@ -43,6 +44,9 @@ class ModelConfig:
     name_or_path: str = TINY_VLM  # "builtin:tiny-vlm", "builtin:smollm2", a local directory or a hub id
     dtype: str = "float32"
     trust_remote_code: bool = False  # only ever passed to transformers when set here
+    # none | 8bit | 4bit: the frozen language model loaded quantized by bitsandbytes (4bit: NF4 with double
+    # quantization, QLoRA's recipe); adapters train in `dtype` on top. `export` merges into the dequantized weights.
+    quantization: str = "none"
 
 
 @dataclass
@@ -232,7 +236,11 @@ def _require(condition: bool, message: str) -> None:
 def validate(config: RunConfig) -> RunConfig:
     """Range and consistency checks that types alone cannot express."""
     d, a, t = config.data, config.adapter, config.train
-    _require(config.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
+    m = config.model
+    _require(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    _require(
+        m.quantization in QUANTIZATIONS, f"model.quantization must be one of {QUANTIZATIONS}, not {m.quantization!r}"
+    )
     _require(d.dataset in DATASETS, f"data.dataset must be one of {DATASETS}, got {d.dataset!r}")
     if d.dataset == "llava-json":
         _require(
@@ -251,6 +259,11 @@ def validate(config: RunConfig) -> RunConfig:
         _require(value is None or value >= 1, f"data.{key} must be at least 1 (or null for all), got {value}")
     _require(d.max_length >= 8, f"data.max_length must be at least 8, got {d.max_length}")
     _require(a.method in METHODS, f"adapter.method must be one of {tuple(METHODS)}, got {a.method!r}")
+    _require(
+        m.quantization == "none" or a.spec.trainable is not Trainable.FULL,
+        f"model.quantization {m.quantization} freezes the base weights in a quantized format that cannot be trained; "
+        "full fine-tuning needs model.quantization none (or choose an adapter method)",
+    )
     _require(a.rank >= 1, f"adapter.rank must be at least 1, got {a.rank}")
     _require(a.alpha > 0, f"adapter.alpha must be positive, got {a.alpha}")
     _require(a.rank_scale in RANK_SCALES, f"adapter.rank_scale must be one of {RANK_SCALES}, got {a.rank_scale!r}")

@@ -8,7 +8,8 @@ Tools that read one global `lora_alpha` and scale every module by alpha/rank (ll
 runtime) would apply it with the wrong scale, silently. The exported adapter is therefore *portable*: each module's
 scale is folded into its B (`rank/lora.py: fold_scales`), so alpha/rank with one global alpha is exact for every
 module, and its README says so. Both the portable adapter and the merge are checked against the run's adapter on a
-few evaluation samples: the largest logit differences are returned (float rounding only).
+few evaluation samples: the largest logit differences are returned (float rounding only; on an 8bit base, also the
+activation quantization that LLM.int8 applies and a float merge does not).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .config import load_config
 from .data import collate
 from .deploy import check_quant, to_gguf, vision_kind, vision_to_onnx
 from .errors import ConfigError
-from .inputs import load_inputs
-from .models.loading import load_adapter
+from .inputs import RunInputs, load_inputs
+from .models.loading import is_quantized, load_adapter, load_pretrained
 from .rank.lora import ADAPTER, fold_scales
 from .utils import atomic_directory, check_folder_target, write_json
 
@@ -51,6 +52,15 @@ def check_export_target(run_dir: Path, output_dir: Path, overwrite: bool) -> Non
     if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("run") == str(run_dir.resolve()):
         return
     check_folder_target(output_dir, overwrite, "export")
+
+
+def merge(inputs: RunInputs, adapter: Path) -> torch.nn.Module:
+    """A run on a quantized base, merged: the adapter folded into the *dequantized* base weights, i.e. into exactly
+    the weights it was trained against (merging into the quantized layers would re-quantize the sum and lose most of
+    a small update; merging into the original float checkpoint would pair it with weights it never saw)."""
+    m = inputs.config.model
+    base, _ = load_pretrained(inputs.source, m.dtype, m.trust_remote_code, m.quantization)
+    return load_adapter(base.dequantize(), adapter).merge_and_unload()
 
 
 def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: str | None = None) -> dict:
@@ -90,7 +100,7 @@ def export_run(run_dir: Path, output_dir: Path, overwrite: bool = False, quant: 
                 card.write(SCALE_NOTE)
         else:
             shutil.copytree(adapter, staging, dirs_exist_ok=True)
-    merged = model.merge_and_unload()
+    merged = merge(inputs, output_dir / "adapter") if is_quantized(inputs.model) else model.merge_and_unload()
     merge_difference = difference(merged)
     with atomic_directory(output_dir / "merged") as staging:
         merged.save_pretrained(staging)

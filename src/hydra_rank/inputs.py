@@ -75,7 +75,8 @@ def model_identity(name: str, source: str) -> dict[str, Any]:
 def load_inputs(config: RunConfig) -> RunInputs:
     """Load the configured model and data (the model stays on the CPU, in eval mode)."""
     source = resolve(config.model.name_or_path)
-    model, processor = load_pretrained(source, config.model.dtype, config.model.trust_remote_code)
+    m = config.model
+    model, processor = load_pretrained(source, m.dtype, m.trust_remote_code, m.quantization)
     encoder = ChatEncoder(processor, config.data.system_prompt, config.data.max_length)
     train_samples, eval_samples = load_samples(config.data, config.train.seed)
     return RunInputs(config, source, model, processor, encoder, train_samples, eval_samples)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import (
@@ -21,6 +22,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
@@ -30,24 +32,32 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from ..errors import ModelLoadError
 from ..utils import one_line
+from .arch import ARCHITECTURES
 
 
 def load_pretrained(
-    source: str, dtype: str = "float32", trust_remote_code: bool = False
+    source: str, dtype: str = "float32", trust_remote_code: bool = False, quantization: str = "none"
 ) -> tuple[PreTrainedModel, Any]:
-    """(model in eval mode, processor or tokenizer) from a directory or hub id."""
+    """(model in eval mode, processor or tokenizer) from a directory or hub id; with `quantization` (8bit | 4bit)
+    the language model's linears are loaded quantized by bitsandbytes, on this process's device."""
     kwargs = {"trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         hint = "" if Path(source).exists() else " (no such local directory; a hub id needs network access)"
         raise ModelLoadError(f"cannot load model {source!r}{hint}: {error}") from None
+    weights: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if quantization != "none":
+        weights.update(
+            quantization_config=bitsandbytes_config(config, quantization, weights["dtype"]),
+            device_map={"": PartialState().device},  # bitsandbytes quantizes as the weights reach their device
+        )
     try:
         if is_image_text_to_text(config):
-            model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+            model = AutoModelForImageTextToText.from_pretrained(source, **weights, **kwargs)
             processor = load_processor(source, config, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **weights, **kwargs)
             processor = AutoTokenizer.from_pretrained(source, **kwargs)
     except pickle.UnpicklingError:
         raise ModelLoadError(
@@ -60,6 +70,34 @@ def load_pretrained(
             "weights (safetensors, complete), its config and its processor or tokenizer files"
         ) from None
     return model.eval(), processor
+
+
+def bitsandbytes_config(config: PreTrainedConfig, quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig:
+    """bitsandbytes settings for a quantized base (QLoRA's recipe for 4bit: NF4, double quantization, compute in the
+    adapters' dtype). Only the language model is quantized: it holds nearly all the weights, while the vision tower
+    and projector are small and feed every token of the image, and the output head is often tied to the embeddings."""
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; say how to get it before it does)
+    except ImportError:
+        raise ModelLoadError(
+            f"model.quantization {quantization} needs bitsandbytes: pip install 'hydra-rank[quant]'"
+        ) from None
+    spec = ARCHITECTURES.get(config.model_type)
+    kept = ["lm_head"] + ([path for path in (spec.vision_layers, spec.projector) if path] if spec else [])
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=kept)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=kept,
+    )
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `model`'s base weights were loaded quantized (by `load_pretrained`)."""
+    return getattr(model, "hf_quantizer", None) is not None
 
 
 def _reason(error: Exception) -> str:
