@@ -15,11 +15,15 @@ re-bound (Adam state kept for surviving parameters, a new param group for new on
 is told about the new group: the Trainer's own schedule times the built-in loop's short ramp for fresh parameters.
 With the same data order, schedule and seed, the decisions are the built-in loop's (tested).
 
-Limits, each a clear error: one process (Trainer keeps its DDP wrapper in a local variable of its training loop, so
-it cannot be rebuilt after a resize; `accelerate launch -m hydra_rank train` runs HyDRA on several), learning-rate
-schedules built on `LambdaLR` (every `lr_scheduler_type` except reduce_lr_on_plateau), LoRA-rank methods only
-(AdaLoRA and full fine-tuning are PEFT/Trainer features already), and no resuming a Trainer checkpoint taken while
-ranks were still moving (its tensors have the shapes of that moment).
+Several processes (`accelerate launch`, DDP): every process makes the same decision from synchronized sketches and
+resizes identically; the DDP wrapper, which registered the old parameters for its gradient all-reduce, is then
+rebuilt (`loop.rewrap`) and becomes `model_wrapped`. The Trainer's epoch loop still holds the old wrapper in a local
+variable, so `training_step` runs every later micro-batch through the current one (with its `no_sync` between
+synchronized steps); clipping and zero_grad reach the same parameters through either wrapper.
+
+Limits, each a clear error: learning-rate schedules built on `LambdaLR` (every `lr_scheduler_type` except
+reduce_lr_on_plateau), LoRA-rank methods only (AdaLoRA and full fine-tuning are PEFT/Trainer features already), and
+no resuming a Trainer checkpoint taken while ranks were still moving (its tensors have the shapes of that moment).
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
 from .adapter import Adapted, adapt
 from .config import AdapterConfig, RunConfig, ScheduleConfig, TrainConfig, validate
 from .errors import ConfigError, HydraError
-from .loop import rebind_optimizer
+from .loop import rebind_optimizer, rewrap
 from .methods import METHODS
 from .rank.budget import Target, discover_targets
 from .rank.lora import strip_empty
@@ -64,8 +69,11 @@ class RampedLambda:
 class HydraCallback(TrainerCallback):
     """Runs the HyDRA scheduler inside `Trainer.train` (added by `HydraTrainer`; see the module docstring)."""
 
-    def __init__(self, config: RunConfig, adapted: Adapted, targets: list[Target], history_dir: Path | None) -> None:
+    def __init__(
+        self, config: RunConfig, adapted: Adapted, targets: list[Target], history_dir: Path | None, trainer: Trainer
+    ) -> None:
         self.config, self.adapted, self.targets, self.history_dir = config, adapted, targets, history_dir
+        self.trainer = trainer  # whose DDP wrapper (`model_wrapped`) is rebuilt after a resize
         self.scheduler: HydraScheduler | None = None
         self.step_loss = 0.0
         self.shape: Any = None
@@ -112,6 +120,7 @@ class HydraCallback(TrainerCallback):
             return
         if self.scheduler.step_end(state.global_step, {"loss": self.step_loss}):
             self._rebind(model, optimizer, _unwrap_scheduler(lr_scheduler), state.global_step)
+            self.trainer.model_wrapped = rewrap(self.trainer.model_wrapped)
 
     def _rebind(self, model: torch.nn.Module, optimizer: Any, schedule: LambdaLR, step: int) -> None:
         """After a resize: the optimizer follows the new parameters, and the LR schedule gets a factor for every new
@@ -160,10 +169,6 @@ class HydraTrainerMixin:
                 f"HydraTrainer runs the LoRA-rank methods {TRAINER_METHODS}, got {adapter.method!r}; for AdaLoRA or "
                 f"full fine-tuning use PEFT's AdaLoraConfig or a plain Trainer"
             )
-        if training.world_size > 1:
-            raise HydraError(
-                "HydraTrainer runs in one process; for several, use `accelerate launch -m hydra_rank train CONFIG`"
-            )
         train = TrainConfig(
             seed=training.seed,
             batch_size=training.per_device_train_batch_size,
@@ -180,7 +185,7 @@ class HydraTrainerMixin:
         history_dir = Path(training.output_dir) if self.is_world_process_zero() else None
         if history_dir is not None:
             history_dir.mkdir(parents=True, exist_ok=True)
-        self.hydra = HydraCallback(self.hydra_config, adapted, targets, history_dir)
+        self.hydra = HydraCallback(self.hydra_config, adapted, targets, history_dir, self)
         self.add_callback(self.hydra)
 
     def _calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
@@ -201,6 +206,14 @@ class HydraTrainerMixin:
         return batches
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if isinstance(model, DistributedDataParallel) and model is not self.model_wrapped:  # rebuilt after a resize
+            model = self.model_wrapped
+            if not self.accelerator.sync_gradients:  # the Trainer put the old wrapper in no_sync
+                with self.accelerator.no_sync(model):
+                    return self._hydra_step(model, inputs, num_items_in_batch)
+        return self._hydra_step(model, inputs, num_items_in_batch)
+
+    def _hydra_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.hydra.step_loss += float(loss)  # what the Trainer reports for the step, kept in the allocation history
         return loss
