@@ -9,13 +9,14 @@ from safetensors.torch import load_file
 from torch.utils.data import Sampler
 from transformers import TrainingArguments
 
-from hydra_rank.config import ScheduleConfig
+from hydra_rank.config import AdapterConfig, ScheduleConfig
 from hydra_rank.data import EncodedDataset, load_samples
 from hydra_rank.data.encode import ChatEncoder, collate
 from hydra_rank.data.sampler import ResumableSampler
 from hydra_rank.errors import ConfigError
-from hydra_rank.hf_trainer import HydraTrainer
+from hydra_rank.hf_trainer import HydraTrainer, with_hydra
 from hydra_rank.inputs import load_model
+from hydra_rank.rank.lora import lora_layers
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
@@ -124,3 +125,65 @@ def test_trainer_refuses_methods_it_cannot_run(tiny_llava_dir, colour_dataset, t
     config.adapter.method = "adalora"
     with pytest.raises(ConfigError, match="AdaLoraConfig"):
         trainer_for(config, tiny_llava_dir, tmp_path / "trainer")
+
+
+def test_with_hydra_runs_inside_trl_sft_trainer(tokenizer, tmp_path):
+    """The README's TRL recipe with the real package: SFTTrainer tokenizes chat records itself, HyDRA moves rank
+    inside its training loop, and `save_model` writes an adapter that stock PEFT loads with the final ranks."""
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a + b}"},
+            ]
+        }
+        for a in range(6)
+        for b in range(4)
+    ]
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        max_length=64,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = with_hydra(SFTTrainer)(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(chats),
+        processing_class=tokenizer,
+        hydra_adapter=AdapterConfig(rank=2, alpha=4, max_rank=6),
+        hydra_schedule=ScheduleConfig(warmup_fraction=0.2, interval_fraction=0.2, freeze_fraction=0.9),
+        hydra_debug_checks=True,
+    )
+    trainer.train()
+    history = read_jsonl(tmp_path / "sft" / "allocation_history.jsonl")
+    assert [entry["step"] for entry in history] == [2, 4, 6]
+    assert any(entry["resized_modules"] for entry in history[1:])
+    assert all(entry["used_params"] <= entry["budget_params"] for entry in history)
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(model.__class__(model.config), str(tmp_path / "adapter"))
+    ranks = {name: layer.r["default"] for name, layer in lora_layers(reloaded).items()}
+    assert ranks == {name: rank for name, rank in history[-1]["ranks"].items() if rank > 0}
