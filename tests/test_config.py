@@ -1,11 +1,14 @@
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from accelerate.utils import DistributedType
 
 from hydra_rank.config import RunConfig, from_dict, load_config, parse_override
 from hydra_rank.errors import ConfigError
+from hydra_rank.shard import check_launcher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -75,3 +78,21 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     assert load_config(path) == config
+
+
+def test_sharding_combinations_that_cannot_work_fail_at_start():
+    with pytest.raises(ConfigError, match=r"train\.sharding must be one of"):
+        load_config(None, ["train.sharding=zero3"])
+    for extra, reason in [
+        ("adapter.method=full", "trains other weights"),
+        ("model.quantization=4bit", "cannot shard a quantized base"),
+        ("train.mixed_precision=bf16", "outside Accelerate's autocast"),
+    ]:
+        with pytest.raises(ConfigError, match=reason):
+            load_config(None, ["train.sharding=fsdp", extra])
+
+
+@pytest.mark.parametrize("engine", [DistributedType.DEEPSPEED, DistributedType.FSDP])
+def test_sharding_engines_that_cannot_resize_stop_at_start_with_what_to_use(engine):
+    with pytest.raises(ConfigError, match=r"set train\.sharding: fsdp"):
+        check_launcher(SimpleNamespace(distributed_type=engine))  # what an Accelerator launched that way reports

@@ -37,6 +37,7 @@ TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 MIXED_PRECISIONS = ("no", "bf16")
+SHARDINGS = ("none", "fsdp")
 
 
 @dataclass
@@ -132,6 +133,9 @@ class TrainConfig:
     # more compute); HyDRA's gradient sketches see every module's gradient once either way
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # no | bf16: Accelerate's autocast for forward and backward (weights stay as loaded)
+    # none | fsdp: with several processes, the frozen base model sharded across them by torch FSDP2 (adapters stay
+    # whole, gradients averaged); none: every process holds the whole model (DDP)
+    sharding: str = "none"
 
 
 @dataclass
@@ -301,6 +305,22 @@ def validate(config: RunConfig) -> RunConfig:
         t.mixed_precision in MIXED_PRECISIONS,
         f"train.mixed_precision must be one of {MIXED_PRECISIONS}, got {t.mixed_precision!r}",
     )
+    _require(t.sharding in SHARDINGS, f"train.sharding must be one of {SHARDINGS}, got {t.sharding!r}")
+    if t.sharding == "fsdp":
+        _require(
+            a.spec.trainable is Trainable.LORA,
+            f"train.sharding fsdp shards the frozen base under LoRA adapters; {a.method} trains other weights (use "
+            "train.sharding none)",
+        )
+        _require(
+            m.quantization == "none",
+            "train.sharding fsdp cannot shard a quantized base (bitsandbytes' packed weights); choose one of them",
+        )
+        _require(
+            t.mixed_precision == "no",
+            "train.sharding fsdp runs the model outside Accelerate's autocast wrapper; use model.dtype bfloat16 for "
+            "a 16-bit base instead of train.mixed_precision bf16",
+        )
     _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be at least 1, got {t.keep_checkpoints}")
     _require(config.eval.batch_size >= 1 and config.eval.max_new_tokens >= 1, "eval sizes must be at least 1")
     return config

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -95,6 +96,20 @@ def rewrap(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def average_gradients(model: nn.Module) -> None:
+    """Average the trainable parameters' gradients over all processes in one flat all-reduce: what DDP does for a
+    model it wraps, for one it does not (a sharded base, `shard.py`, whose adapters are plain replicated tensors)."""
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        grad.copy_(part.view_as(grad))
+
+
 def batches_forever(loader: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
     """Cycle a data loader epoch after epoch (a shuffling sampler draws a new order each epoch)."""
     epoch = 0
@@ -144,6 +159,8 @@ def optimize(
                     accelerator.backward(loss / grad_accum)
                 total_loss += loss.item()
                 total_tokens += tokens
+            if accelerator.num_processes > 1 and not isinstance(model, DistributedDataParallel):
+                average_gradients(model)
             if max_grad_norm:
                 params = [p for group in optimizer.param_groups for p in group["params"]]
                 accelerator.clip_grad_norm_(params, max_grad_norm)

@@ -51,6 +51,7 @@ from .rank.lora import strip_empty
 from .rank.plan import calibration_batch_count, calibration_batches
 from .rank.scheduler import HydraScheduler
 from .report import save_allocation, write_report
+from .shard import check_launcher, local_frozen_params, shard_frozen_base
 from .utils import (
     JsonlWriter,
     atomic_directory,
@@ -223,6 +224,7 @@ def set_up(
     """Load model and data, make the method's parameters trainable (a resumed run: at its saved ranks and values),
     build the optimizer and the data stream, and let Accelerate prepare them."""
     t = config.train
+    check_launcher(accelerator)
     inputs = load_inputs(config)
     inputs.model.to(accelerator.device)
     if t.gradient_checkpointing:  # non-reentrant: the backward runs the recomputed forward once, hooks included
@@ -233,9 +235,13 @@ def set_up(
         adapted, optimizer = _resumed_start(config, inputs, state, show, out)
     progress = Progress.of(state)
     start = progress.consumed_batches * t.batch_size * accelerator.num_processes
-    prepared, optimizer, loader = accelerator.prepare(
-        adapted.model, optimizer, _loader(inputs, t.batch_size, t.seed, start)
-    )
+    loader = _loader(inputs, t.batch_size, t.seed, start)
+    if t.sharding == "fsdp" and accelerator.num_processes > 1:
+        shard_frozen_base(adapted.model)  # not prepared (no DDP wrapper): the loop averages adapter gradients
+        prepared = adapted.model
+        optimizer, loader = accelerator.prepare(optimizer, loader)
+    else:
+        prepared, optimizer, loader = accelerator.prepare(adapted.model, optimizer, loader)
     return Session(config, accelerator, inputs, adapted, prepared, optimizer, loader, progress, show, out)
 
 
@@ -519,13 +525,18 @@ def write_outputs(
 
 
 def process_fingerprint(model: nn.Module, allocation: Allocation | None) -> dict[str, Any]:
-    """What this process holds at the end: its ranks and a hash of its trainable values (multi-process checks)."""
+    """What this process holds at the end: its ranks, a hash of its trainable values and how many frozen weights it
+    keeps (its shards, for a sharded base): multi-process checks."""
     digest = hashlib.sha256()
     for name, parameter in sorted(model.named_parameters()):
         if parameter.requires_grad:
             digest.update(name.encode())
             digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
-    return {"ranks": None if allocation is None else allocation.ranks, "trainable_sha256": digest.hexdigest()}
+    return {
+        "ranks": None if allocation is None else allocation.ranks,
+        "trainable_sha256": digest.hexdigest(),
+        "local_frozen_params": local_frozen_params(model),
+    }
 
 
 def _finite(model: nn.Module) -> bool:
