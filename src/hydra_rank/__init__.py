@@ -10,9 +10,15 @@ Names are imported lazily so that `hydra-rank --help` does not pay for importing
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes (the quant extra; PEFT imports it whenever it is installed) warns on every import on CPUs with
+# AVX512-BF16 that it could not download an optional 4-bit matmul kernel from the Hugging Face hub; its own CPU kernel,
+# which it then uses, is what hydra-rank runs and measures. Only that logger is quietened, and only below errors.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "RunConfig": "hydra_rank.config",
