@@ -147,7 +147,8 @@ def main() -> None:
     torch.manual_seed(0)
     rows: dict[str, list] = {"sketch": [], "resize": [], "decision": []}
     for hidden in (256, 512, 1024):
-        for _, d_in, d_out in shapes(hidden, int(8 * hidden / 3), hidden // 4)[::3]:  # q, o, down
+        layer = shapes(hidden, int(8 * hidden / 3), hidden // 4)
+        for _, d_in, d_out in (layer[0], layer[1], layer[6]):  # square, narrow output, wide input
             for k in (24, 72):
                 rows["sketch"].append((d_in, d_out, 1024, k, sketch_seconds(d_in, d_out, 1024, k)))
             for rank in (4, 16, 64):

@@ -102,20 +102,52 @@ def test_a_run_without_an_adapter_cannot_be_exported(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_gemma3_vlm_gets_a_gguf_and_an_mmproj_for_llama_cpps_runtime(tmp_path):
-    """Gemma 3's SigLIP tower is one llama.cpp's multimodal runtime runs: its weights go to mmproj-f16.gguf."""
+@pytest.fixture(scope="module")
+def gemma3_export(tmp_path_factory):
+    """A tiny random Gemma 3 VLM, saved as hub checkpoints are, exported to GGUF + mmproj (f16)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     from .test_families import gemma3
 
     torch.manual_seed(0)
     model, processor = gemma3()
+    config = model.config
+    # as in Gemma 3's checkpoints, queries scale by 1/sqrt(head_dim): llama.cpp assumes it (HF reads the scalar)
+    config.text_config.query_pre_attn_scalar = config.text_config.head_dim
+    model = type(model)(config).eval()
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)  # zeros at init
     # saved as hub checkpoints are (a model built from a config would drop SigLIP's `vision_model.` level)
     model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    written = to_gguf(tmp_path / "model", tmp_path / "gguf", "f16", mmproj=vision_kind(tmp_path / "model") == "mmproj")
+    folder = tmp_path_factory.mktemp("gemma3")
+    model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    written = to_gguf(folder / "model", folder / "gguf", "f16", mmproj=vision_kind(folder / "model") == "mmproj")
+    return model, processor, written
+
+
+def test_a_gemma3_vlm_gets_a_gguf_and_an_mmproj_for_llama_cpps_runtime(gemma3_export):
+    """Gemma 3's SigLIP tower is one llama.cpp's multimodal runtime runs: its weights go to mmproj-f16.gguf."""
+    model, _, written = gemma3_export
     assert set(written) == {"gguf", "mmproj"}
     patch = model.model.vision_tower.embeddings.patch_embedding.weight.detach()
     np.testing.assert_array_equal(tensor(GGUFReader(written["mmproj"]), "v.patch_embd.weight"), patch.numpy())  # f32
     assert "v.patch_embd.weight" not in {t.name for t in GGUFReader(written["gguf"]).tensors}
+
+
+def test_llama_cpp_runs_the_gguf_and_mmproj_with_pytorchs_logits(gemma3_export):
+    """The export in llama.cpp's own runtime (image prepared by llama.cpp, embeddings placed between its markers,
+    bidirectional attention over the image) predicts what the PyTorch model predicts, up to f16 weights."""
+    pytest.importorskip("llama_cpp", reason="needs the compiled llama-cpp-python (make deploy-tools)")
+    from hydra_rank.llama_runtime import multimodal_logits
+
+    model, processor, written = gemma3_export
+    image = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)  # the tower's size: no resize
+    image_id = model.config.image_token_index
+    ids, logits = multimodal_logits(written["gguf"], written["mmproj"], "Describe", image, image_id)
+    assert ids.count(image_id) == 4  # 4x4 patches pooled to 2x2
+    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        expected = model(input_ids=tokens, pixel_values=pixels, token_type_ids=(tokens == image_id).long()).logits
+    expected = expected[0, -1].numpy()
+    assert np.abs(logits[: len(expected)] - expected).max() < 5e-3 * np.abs(expected).max() + 1e-3
