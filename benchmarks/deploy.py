@@ -3,7 +3,8 @@ PyTorch model it came from, how large is each file, and how fast does it generat
 
 For a finished run (default: the text task's, trained here first if missing), every quantization is exported with
 llama.cpp's own tools; each eval question's prompt (the same token ids) is answered greedily by the merged PyTorch
-model and by llama.cpp (llama-cpp-python, one thread per core), and the answers are compared. Prints a table and
+model and by llama.cpp (llama-cpp-python), both with --threads threads, and the answers are compared, also with the
+PyTorch model whose weights were rounded to f16 (what an f16 file can at best reproduce). Prints a table and
 writes deploy.json next to the export. Needs `make deploy-tools` (the compiled llama.cpp) for q4_k_m and for running
 the GGUF files; without it, only the sizes of f16 and q8_0 are measured, and the table says so.
 
@@ -18,6 +19,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import torch
 
 from hydra_rank.config import load_config
 from hydra_rank.deploy import LLAMA_CPP_PYTHON, QUANTS
@@ -44,12 +47,12 @@ def size_mb(path: Path) -> float:
 
 
 def llama_answers(
-    gguf: Path, prompts: list[list[int]], eos: int, max_new_tokens: int
+    gguf: Path, prompts: list[list[int]], eos: int, max_new_tokens: int, threads: int
 ) -> tuple[list[list[int]], float]:
     """Greedy continuations of every prompt in llama.cpp, and generated tokens per second."""
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf), n_ctx=512, n_threads=os.cpu_count(), seed=0, verbose=False)
+    llm = Llama(str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     outputs, tokens, seconds = [], 0, 0.0
     for prompt in prompts:
         llm.reset()
@@ -65,11 +68,18 @@ def llama_answers(
     return outputs, tokens / seconds
 
 
+def agreement(answers: list[str], others: list[str]) -> float:
+    """The share of answers that are the same after normalisation."""
+    return sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(answers, others, strict=True)) / len(answers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "deploy-text")
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="for PyTorch and llama.cpp alike")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     run_dir = finished_run(args.run)
     runtime = importlib.util.find_spec("llama_cpp") is not None
     quants = QUANTS if runtime else tuple(q for q in QUANTS if q != "q4_k_m")
@@ -90,14 +100,18 @@ def main() -> None:
     torch_answers = generate_answers(merged, inputs.encoder, items, batch_size=1, max_new_tokens=steps)
     torch_seconds = time.perf_counter() - started
     torch_tokens = sum(len(tokenizer(a, add_special_tokens=False).input_ids) + 1 for a in torch_answers)
+    # the same model with every weight rounded to f16 and back: what an f16 GGUF can at best reproduce
+    with torch.no_grad():
+        for parameter in merged.parameters():
+            parameter.copy_(parameter.half().float())
+    rounded_answers = generate_answers(merged, inputs.encoder, items, batch_size=1, max_new_tokens=steps)
 
     rows = [
         {"file": "adapter (portable PEFT)", "size_mb": size_mb(Path(exports[quants[0]]["adapter"]))},
         {
             "file": "merged (PyTorch, fp32)",
             "size_mb": size_mb(merged_dir / "model.safetensors"),
-            "accuracy": sum(normalize_answer(a) == r for a, r in zip(torch_answers, references, strict=True))
-            / len(samples),
+            "accuracy": agreement(torch_answers, references),
             "tokens_per_s": torch_tokens / torch_seconds,
         },
     ]
@@ -106,11 +120,13 @@ def main() -> None:
         gguf = Path(exports[quant]["gguf"])
         row = {"file": f"GGUF {quant}", "size_mb": size_mb(gguf)}
         if runtime:
-            generated, speed = llama_answers(gguf, prompts, tokenizer.eos_token_id, steps)
-            answers = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
-            same = [normalize_answer(a) == normalize_answer(t) for a, t in zip(answers, torch_answers, strict=True)]
-            correct = [normalize_answer(a) == r for a, r in zip(answers, references, strict=True)]
-            row |= {"same_as_pytorch": sum(same) / len(samples), "accuracy": sum(correct) / len(samples)}
+            generated, speed = llama_answers(gguf, prompts, tokenizer.eos_token_id, steps, args.threads)
+            answers = [normalize_answer(tokenizer.decode(t, skip_special_tokens=True)) for t in generated]
+            row |= {
+                "same_as_pytorch": agreement(answers, torch_answers),
+                "same_as_pytorch_f16_weights": agreement(answers, rounded_answers),
+                "accuracy": agreement(answers, references),
+            }
             row["tokens_per_s"] = speed
         rows.append(row)
 
@@ -118,14 +134,19 @@ def main() -> None:
         "run": str(run_dir),
         "samples": len(samples),
         "llama_cpp_python": LLAMA_CPP_PYTHON if runtime else None,
-        "threads": os.cpu_count(),
+        "threads": args.threads,
+        "pytorch_f16_weights_same_as_pytorch": agreement(rounded_answers, torch_answers),
         "rows": rows,
     }
     (run_dir / "deploy.json").write_text(json.dumps(result, indent=2))
-    print("| file | size (MB) | same greedy answer as PyTorch | accuracy | tokens/s |\n|---|---|---|---|---|")
+    print(
+        "| file | size (MB) | same greedy answer as PyTorch | same as PyTorch with f16-rounded weights | accuracy "
+        "| tokens/s |\n|---|---|---|---|---|---|"
+    )
     for row in rows:
         cells = [f"{row['size_mb']:.1f}"]
-        cells += [f"{row[k]:.3f}" if k in row else "-" for k in ("same_as_pytorch", "accuracy")]
+        keys = ("same_as_pytorch", "same_as_pytorch_f16_weights", "accuracy")
+        cells += [f"{row[k]:.3f}" if k in row else "-" for k in keys]
         cells.append(f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else "-")
         print(f"| {row['file']} | " + " | ".join(cells) + " |")
     if not runtime:
