@@ -32,11 +32,11 @@ def peak_rss_mb() -> float:
 
 # glibc's mallopt parameter for the size from which a block is mmapped (and unmapped again when freed)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, kept instead of adapted
 
 
 def return_large_blocks() -> bool:
-    """Make glibc map every block of 1 MiB or more on its own and unmap it when freed. By default glibc raises this
+    """Make glibc map every block of 128 KiB or more on its own and unmap it when freed. By default glibc raises this
     threshold as large blocks are freed (up to 32 MiB), after which activations, gradients and optimizer state come
     from the heap and freed holes stay resident: peak RSS then measures the heap's fragmentation as much as the
     tensors alive, and grows with every change in tensor shapes (a resize, a sketch's buffers). PyTorch's CPU
