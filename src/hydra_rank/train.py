@@ -59,7 +59,6 @@ from .utils import (
     console,
     peak_rss_mb,
     replace_directory,
-    return_large_blocks,
     write_json,
 )
 
@@ -84,7 +83,6 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, sho
     `overwrite`, a previous run in the output directory is replaced only once the new one is complete: the new run is
     built beside it, and a run that fails leaves the old one as it was."""
     started = time.perf_counter()
-    return_large_blocks()  # peak RSS follows the tensors, not the heap's fragmentation (utils.py says why)
     accelerator, state, work = open_run(config, overwrite, resume)
     destination = Path(config.train.output_dir)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import reprlib
@@ -28,26 +27,6 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-# glibc's mallopt parameter for the size from which a block is mmapped (and unmapped again when freed)
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, kept instead of adapted
-
-
-def return_large_blocks() -> bool:
-    """Make glibc map every block of 128 KiB or more on its own and unmap it when freed. By default glibc raises this
-    threshold as large blocks are freed (up to 32 MiB), after which activations, gradients and optimizer state come
-    from the heap and freed holes stay resident: peak RSS then measures the heap's fragmentation as much as the
-    tensors alive, and grows with every change in tensor shapes (a resize, a sketch's buffers). PyTorch's CPU
-    allocator calls malloc directly, so this is what makes RSS follow the tensors. Linux/glibc only; True if set."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl)
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 @contextlib.contextmanager
