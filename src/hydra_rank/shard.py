@@ -3,7 +3,8 @@
 Why not Accelerate's FSDP plugin: FSDP flattens the parameters it manages into per-unit buffers fixed when the
 model is wrapped, and HyDRA replaces adapter parameters with differently shaped ones at every decision. The memory
 that sharding saves is the base model's (adapters are well under 1 % of the weights), so only the base is sharded:
-`fully_shard` on every decoder layer and on the model, with every adapter parameter in `ignored_params`. FSDP then
+`fully_shard` on every decoder layer, on the inner model's other parts and on the model, with every adapter parameter
+in `ignored_params`. FSDP then
 all-gathers a layer's base weights for its forward and backward and frees them after; the adapters are ordinary
 replicated tensors, resizable like in one process, and their gradients are averaged over processes before each
 optimizer step (`loop.average_gradients`, one all-reduce), as DDP would. A parameter created by a resize is outside
