@@ -68,6 +68,15 @@ def llama_answers(
     return outputs, tokens / seconds
 
 
+def exported(run_dir: Path, quant: str) -> dict[str, str]:
+    """The run's export at `quant`: made with `hydra-rank export --format gguf`, or the one a previous call made."""
+    folder = run_dir / f"export-{quant}"
+    gguf = folder / "gguf" / f"model-{quant}.gguf"
+    if (folder / "export.json").is_file() and gguf.is_file():
+        return {"adapter": str(folder / "adapter"), "merged": str(folder / "merged"), "gguf": str(gguf)}
+    return export_run(run_dir, folder, overwrite=True, quant=quant)
+
+
 def agreement(answers: list[str], others: list[str]) -> float:
     """The share of answers that are the same after normalisation."""
     return sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(answers, others, strict=True)) / len(answers)
@@ -91,9 +100,7 @@ def main() -> None:
     tokenizer, steps = inputs.encoder.tokenizer, config.eval.max_new_tokens
     references = [normalize_answer(s.answer) for s in samples]
 
-    exports = {
-        quant: export_run(run_dir, run_dir / f"export-{quant}", overwrite=True, quant=quant) for quant in quants
-    }
+    exports = {quant: exported(run_dir, quant) for quant in quants}
     merged_dir = Path(exports[quants[0]]["merged"])
     merged, _ = load_model(str(merged_dir))
     started = time.perf_counter()
