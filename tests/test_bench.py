@@ -2,10 +2,13 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
+import yaml
 
 from hydra_rank.bench import (
+    ADDED_KEYS,
     best_lrs,
     run_all,
     run_bench,
@@ -19,6 +22,8 @@ from hydra_rank.data import load_samples, split_validation
 from hydra_rank.errors import ConfigError, DataError
 
 from .test_train import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_validation_split_is_held_out_of_training_and_fixed():
@@ -93,12 +98,13 @@ def test_reuse_ignores_only_what_cannot_change_the_result():
 
 
 def test_runs_recorded_before_a_key_existed_compare_at_its_old_behaviour():
-    """A LoRA run recorded before rank_scale / gradient_checkpointing / mixed_precision existed is still reusable; a
-    HyDRA run recorded then (fixed scale) is not the sqrt default's run."""
+    """A LoRA run recorded before any of the added keys existed (rank_scale, quantization, checkpointing, precision,
+    sharding) is still reusable; a HyDRA run recorded then (fixed scale) is not the sqrt default's run."""
     for method, reusable in (("lora", True), ("hydra", False)):
         current = from_dict({"adapter": {"method": method}}).to_dict()
         old = {section: dict(values) for section, values in current.items()}
-        del old["adapter"]["rank_scale"], old["train"]["gradient_checkpointing"], old["train"]["mixed_precision"]
+        for section, key in ADDED_KEYS:
+            del old[section][key]
         assert (what_matters(with_added_keys(old)) == what_matters(current)) is reusable
         fixed = {**current, "adapter": {**current["adapter"], "rank_scale": "fixed"}}
         assert what_matters(with_added_keys(old)) == what_matters(fixed)
@@ -119,3 +125,10 @@ def test_full_fine_tuning_sweeps_a_lower_grid(tmp_path):
     ]
     table = sweep_table(rows, best_lrs(rows))
     assert "**0.002: 0.500 / 0.3000**" in table and "**1e-05: 0.500 / 0.2000**" in table
+
+
+def test_a_run_recorded_by_an_older_commit_stays_reusable():
+    """A real finished run (the tuned cell's LoRA seed 0, recorded before several keys existed) compares equal to
+    the configuration it would be re-run with today: every key added since is in ADDED_KEYS at its old value."""
+    recorded = yaml.safe_load((ROOT / "benchmarks/results/scenes-r4/runs/lora-seed0/config.yaml").read_text())
+    assert what_matters(with_added_keys(recorded)) == what_matters(from_dict(recorded).to_dict())

@@ -100,6 +100,7 @@ ADDED_KEYS = {
     ("adapter", "rank_scale"): "fixed",
     ("train", "gradient_checkpointing"): False,
     ("train", "mixed_precision"): "no",
+    ("train", "sharding"): "none",
 }
 
 
