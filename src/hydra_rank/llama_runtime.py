@@ -30,11 +30,14 @@ def multimodal_logits(
         raise ConfigError("running GGUF files needs the compiled llama-cpp-python: make deploy-tools") from None
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise ConfigError(f"llama.cpp could not load {gguf}")
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, 1, False, False
-    context = mtmd.mtmd_init_from_file(str(mmproj).encode(), model, params)
-    if not model or not context:
-        raise ConfigError(f"llama.cpp could not load {gguf} with {mmproj}")
+    context = mtmd.mtmd_init_from_file(str(mmproj).encode(), model, params)  # with the model: it reads its width
+    if not context:
+        llama_cpp.llama_model_free(model)
+        raise ConfigError(f"llama.cpp could not load {mmproj} for {gguf}")
     marker = mtmd.mtmd_default_marker()
     text_bytes = prompt.encode() if marker.decode() in prompt else prompt.encode() + marker
     buffer = ctypes.create_string_buffer(text_bytes)
