@@ -57,7 +57,9 @@ def check_export_target(run_dir: Path, output_dir: Path, overwrite: bool) -> Non
 def merge(inputs: RunInputs, adapter: Path) -> torch.nn.Module:
     """A run on a quantized base, merged: the adapter folded into the *dequantized* base weights, i.e. into exactly
     the weights it was trained against (merging into the quantized layers would re-quantize the sum and lose most of
-    a small update; merging into the original float checkpoint would pair it with weights it never saw)."""
+    a small update; merging into the original float checkpoint would pair it with weights it never saw). The base is
+    loaded afresh: PEFT's quantized LoRA layers merge only into quantized weights, so the run's own model cannot be
+    dequantized in place."""
     m = inputs.config.model
     base, _ = load_pretrained(inputs.source, m.dtype, m.trust_remote_code, m.quantization)
     return load_adapter(base.dequantize(), adapter).merge_and_unload()
