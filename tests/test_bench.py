@@ -9,7 +9,10 @@ import yaml
 
 from hydra_rank.bench import (
     ADDED_KEYS,
+    MAX_EXTENSIONS,
     best_lrs,
+    initial_grids,
+    next_rate,
     run_all,
     run_bench,
     sweep_configs,
@@ -61,6 +64,13 @@ def test_best_lr_is_the_lowest_validation_loss():
     assert best_lrs(sweep) == {"lora": 2e-3, "hydra": 1e-3}
 
 
+def test_a_best_rate_on_the_edge_grows_the_grid_past_it():
+    grid = [1e-3, 2e-3, 4e-3]
+    assert next_rate(grid, 4e-3) == 8e-3 and next_rate(grid, 1e-3) == 5e-4
+    assert next_rate(grid, 2e-3) is None  # bracketed: the optimum is inside the grid
+    assert next_rate([1e-3], 1e-3) is None  # one rate asked for: nothing to judge an edge from
+
+
 def test_sweep_chooses_on_validation_and_reports_on_test(tiny_llava_dir, colour_dataset, tmp_path):
     base = tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "unused", max_steps=2)
     with pytest.raises(ConfigError, match="validation_samples"):
@@ -69,14 +79,20 @@ def test_sweep_chooses_on_validation_and_reports_on_test(tiny_llava_dir, colour_
     data["data"]["validation_samples"] = 3
     base = from_dict(data)
     result = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2], jobs=2)
-    assert [(r["lr"], r["split"]) for r in result.sweep] == [(1e-4, "validation"), (3e-2, "validation")]
-    chosen = min(result.sweep, key=lambda r: r["eval_loss"])["lr"]
+    rates = [r["lr"] for r in result.sweep]
+    assert rates[:2] == [1e-4, 3e-2] and {r["split"] for r in result.sweep} == {"validation"}
+    # the grid grows past an edge while the best rate so far sits on it, at most MAX_EXTENSIONS times
+    counts = range(2, len(rates) + 1)
+    expected = [next_rate(rates[:count], best_lrs(result.sweep[:count])["lora"]) for count in counts]
+    assert rates[2:] == expected[:-1] and (expected[-1] is None or len(rates) == 2 + MAX_EXTENSIONS)
+    assert len(rates) > 2  # 1e-4 barely moves in two steps, so 3e-2 wins on the edge and the grid grows
+    chosen = best_lrs(result.sweep)["lora"]
     [row] = result.rows
     assert (row["method"], row["seed"], row["lr"], row["split"]) == ("lora", 0, chosen, "test")
     assert (row["dataset"], row["rank"]) == ("llava-json", 2) and row["peak_rss_mb"] > 0
     assert "Learning-rate sweep" in result.table and "**" in result.table
     saved = json.loads((tmp_path / "bench" / "sweep.json").read_text())
-    assert [r["lr"] for r in saved] == [1e-4, 3e-2]
+    assert [r["lr"] for r in saved] == rates
     metrics = tmp_path / "bench" / "lora-seed0" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
     again = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2])
@@ -112,7 +128,7 @@ def test_runs_recorded_before_a_key_existed_compare_at_its_old_behaviour():
 
 def test_full_fine_tuning_sweeps_a_lower_grid(tmp_path):
     base = from_dict({"data": {"validation_samples": 10}})
-    configs = sweep_configs(base, ["lora", "full"], [1e-3, 2e-3], 0, tmp_path)
+    configs = sweep_configs(base, initial_grids(["lora", "full"], [1e-3, 2e-3]), 0, tmp_path)
     assert [(c.adapter.method, c.train.lr, c.data.eval_split) for c in configs] == [
         ("lora", 1e-3, "validation"),
         ("lora", 2e-3, "validation"),

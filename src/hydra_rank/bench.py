@@ -6,7 +6,8 @@ its result: `what_matters`) is reused, so an interrupted benchmark continues whe
 
 Learning rates are tuned, never guessed per method: with `lrs`, every method first trains once (on the first seed)
 at each learning rate, scored on the validation split (`data.validation_samples` training samples held out), and
-its lowest validation eval loss picks its learning rate for the reported runs, which are scored on the test split.
+its lowest validation eval loss picks its learning rate for the reported runs, which are scored on the test split;
+a method whose best rate lies on the grid's edge also trains at the next rate past it.
 Eval loss, not accuracy, picks: it is what every method minimises and it is far less noisy on a few hundred
 questions than exact match. Outputs in the benchmark directory:
 
@@ -160,27 +161,62 @@ def run_all(configs: list[RunConfig], output_dir: Path, results: str, jobs: int,
     return [row for row in rows if row is not None]
 
 
+# How many times a method's grid may grow past its edge (see `sweep_lrs`).
+MAX_EXTENSIONS = 2
+
+
 def sweep_lrs(
     base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path, jobs: int = 1
 ) -> list[dict]:
     """Every method at every learning rate on `seed` (times the method's `lr_scale`: full fine-tuning moves every
-    weight, so its grid sits lower), scored on the validation split."""
+    weight, so its grid sits lower), scored on the validation split.
+
+    A best rate on the grid's edge says the optimum may lie beyond it, so that method's grid grows by one rate past
+    the edge (`next_rate`) and the sweep continues, up to `MAX_EXTENSIONS` times per method. The same rule for every
+    method: no method is compared at a rate it was never allowed to look past."""
     if base.data.validation_samples < 1:
         raise ConfigError(
             "bench --lrs chooses learning rates on a validation split: set data.validation_samples (e.g. 300) in "
             "the config or with --set"
         )
-    return run_all(sweep_configs(base, methods, lrs, seed, output_dir), output_dir, "sweep.json", jobs)
+    grids = initial_grids(methods, lrs)
+    while True:
+        rows = run_all(sweep_configs(base, grids, seed, output_dir), output_dir, "sweep.json", jobs)
+        chosen = best_lrs(rows)
+        grown = {
+            method: rate
+            for method, grid in grids.items()
+            if len(grid) - len(lrs) < MAX_EXTENSIONS and (rate := next_rate(grid, chosen[method])) is not None
+        }
+        if not grown:
+            return rows
+        for method, rate in grown.items():
+            grids[method].append(rate)
 
 
-def sweep_configs(
-    base: RunConfig, methods: list[str], lrs: list[float], seed: int, output_dir: Path
-) -> list[RunConfig]:
-    """The sweep's runs: each method at each rate of the grid times its `lr_scale`, on the validation split."""
+def initial_grids(methods: list[str], lrs: list[float]) -> dict[str, list[float]]:
+    """Per method, the grid times its `lr_scale`."""
+    return {method: [rate * get_method(method).lr_scale for rate in lrs] for method in methods}
+
+
+def next_rate(grid: list[float], best: float) -> float | None:
+    """The rate past the grid's edge when `best` sits on it (twice the largest, half the smallest), else None. A
+    single rate has no edge to judge from: the user asked for exactly that rate."""
+    if len(grid) < 2:
+        return None
+    if best == max(grid):
+        return best * 2
+    if best == min(grid):
+        return best / 2
+    return None
+
+
+def sweep_configs(base: RunConfig, grids: dict[str, list[float]], seed: int, output_dir: Path) -> list[RunConfig]:
+    """The sweep's runs: each method at each rate of its grid, on the validation split."""
     return [
         method_config(base, method, seed, output_dir / "sweep" / f"{method}-lr{lr:g}", lr, "validation")
-        for method in methods
-        for lr in (rate * get_method(method).lr_scale for rate in lrs)
+        for method, grid in grids.items()
+        for lr in grid
     ]
 
 

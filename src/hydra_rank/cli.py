@@ -283,7 +283,8 @@ def bench(
         typer.Option(
             help="Comma-separated learning rates: each method first trains at each of them on the first seed, scored "
             "on the validation split (data.validation_samples), and runs its seeds at the one with the lowest "
-            "validation eval loss."
+            "validation eval loss. A method whose best rate is the largest (smallest) also tries twice (half) that "
+            "rate, up to two more, so no method is chosen at an edge it never looked past."
         ),
     ] = None,
     jobs: Annotated[int, typer.Option(help="Runs trained at the same time (each its own process).", min=1)] = 1,
