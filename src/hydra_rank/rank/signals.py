@@ -155,8 +155,12 @@ class SketchHooks:
     def _hook(self, name: str):
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if output.requires_grad:
-                inputs = args[0].detach()
-                output.register_hook(lambda grad: self.sketches[name].update(inputs, grad))
+                # The gradient hook lives on the autograd graph, which outlives the backward pass for as long as
+                # anyone holds the loss (the loop does, until the next step's loss replaces it). Handing the inputs
+                # over through a list it empties lets them go with autograd's own saved copy; captured in a closure
+                # they stayed alive into the next forward: one batch's inputs to every target, ~400 MB on scenes.
+                pending = [args[0].detach()]
+                output.register_hook(lambda grad: self.sketches[name].update(pending.pop(), grad))
 
         return forward_hook
 
