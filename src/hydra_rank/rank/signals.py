@@ -61,11 +61,15 @@ class StackedGradientSketch:
     an output-side factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ and an input-side factor D (d_in x k) with
     D Dᵀ ≈ Σ_b G_bᵀ G_b. Neither G_b nor any d_out x d_in matrix is ever formed.
 
-    Each batch contributes a k-column factor per side; they are buffered and compressed back to k columns (a
-    frequent-directions style merge) once `MERGE_EVERY` batches have accumulated, so memory stays O(k·d) per side.
+    Each batch contributes a k-column factor per side, compressed with the running one back to k columns (a
+    frequent-directions style merge) as soon as it arrives, so a sketch holds one k-column factor per side between
+    batches and two during a merge: O(k·d) per side. Merging every batch rather than every few costs a QR and a
+    k x k SVD per batch and module (small against the sketch's own products), and keeps the top max_rank values to
+    within float rounding of a deferred merge (k = max_rank + oversampling columns); it is what keeps the sketch's
+    memory at one batch factor whatever `signal_steps` is, which matters for a large model (docs/scale.md).
     """
 
-    MERGE_EVERY = 4
+    MERGE_EVERY = 2  # factors held before a merge: the running one and the new batch's
 
     def __init__(self, d_in: int, rank: int, seed: int) -> None:
         self.rank = rank
