@@ -5,12 +5,17 @@ functions of the library to label phases; the run itself is an ordinary `hydra_r
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory_profile.py configs/scenes.yaml OUT.json \\
         adapter.method=hydra train.max_steps=30 data.eval_samples=32 train.output_dir=runs/profile-hydra
 
-Run it again with MALLOC_MMAP_THRESHOLD_=131072 in the environment to see the tensors' memory without glibc's heap
-retention. OUT.json: the peak per phase and the full series (seconds, phase, MiB).
+Beside resident memory it samples what glibc has handed out and not had back (mallinfo2: in-use heap plus mapped
+blocks), i.e. the live allocations, tensors included: resident memory far above it is freed memory glibc keeps. A
+tensor kept alive by mistake shows in the live series (that is how the sketch hooks' retained inputs were found);
+fragmentation shows only in the resident one. Run it again with MALLOC_MMAP_THRESHOLD_=131072 in the environment to
+see the resident memory without glibc's heap retention. OUT.json: the peaks per phase and the full series (seconds,
+phase, resident MiB, live MiB).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import sys
@@ -24,7 +29,47 @@ from hydra_rank.rank import scheduler, signals
 
 phase = ["setup"]
 peaks: dict[str, float] = {}
-series: list[tuple[float, str, int]] = []
+live_peaks: dict[str, float] = {}
+series: list[tuple[float, str, int, int | None]] = []
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+def _mallinfo2():
+    """glibc's mallinfo2 (glibc >= 2.33), or None on another C library."""
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = MallInfo2
+    return function
+
+
+MALLINFO2 = _mallinfo2()
+
+
+def live_mib() -> float | None:
+    """Bytes allocated through malloc and not yet freed (main arena in use + mapped blocks), in MiB."""
+    if MALLINFO2 is None:
+        return None
+    info = MALLINFO2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def resident_mib() -> float:
@@ -37,9 +82,11 @@ def resident_mib() -> float:
 def sample() -> None:
     start = time.time()
     while True:
-        rss, label = resident_mib(), phase[-1]
+        rss, live, label = resident_mib(), live_mib(), phase[-1]
         peaks[label] = max(peaks.get(label, 0.0), rss)
-        series.append((round(time.time() - start, 2), label, round(rss)))
+        if live is not None:
+            live_peaks[label] = max(live_peaks.get(label, 0.0), live)
+        series.append((round(time.time() - start, 2), label, round(rss), None if live is None else round(live)))
         time.sleep(0.01)
 
 
@@ -66,8 +113,9 @@ def main() -> None:
     label(train, "evaluate_configured", "eval")
     threading.Thread(target=sample, daemon=True).start()
     train.run(load_config(config_path, overrides), overwrite=True, show_progress=False)
-    print(json.dumps({key: round(value) for key, value in peaks.items()}))
-    Path(out).write_text(json.dumps({"peaks": peaks, "series": series}))
+    print("resident peaks (MiB):", json.dumps({key: round(value) for key, value in peaks.items()}))
+    print("live peaks (MiB):", json.dumps({key: round(value) for key, value in live_peaks.items()}))
+    Path(out).write_text(json.dumps({"peaks": peaks, "live_peaks": live_peaks, "series": series}))
 
 
 if __name__ == "__main__":
