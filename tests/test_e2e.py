@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -113,3 +114,23 @@ def test_text_only_smollm2_trains_on_text_tasks(tmp_path, reference):
     assert type(result.model.base_model.model).__name__ == "LlamaForCausalLM"
     losses = [r["loss"] for r in read_jsonl(result.output_dir / "log.jsonl")]
     reference.check("hydra_text_tasks_4_steps", {"losses": losses, "eval_loss": result.metrics["eval_loss"]})
+
+
+def test_demo_runs_both_methods_on_its_task(tmp_path, monkeypatch):
+    """`hydra-rank demo`, shortened (2 steps, 4 questions): both methods train on the demo's task at its settings and
+    the same budget, and the table and report come out."""
+    from typer.testing import CliRunner
+
+    from hydra_rank import cli
+
+    monkeypatch.setitem(cli.DEMO_SETTINGS, "data.eval_samples", 4)
+    result = CliRunner().invoke(cli.app, ["demo", "--output-dir", str(tmp_path), "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in rows] == ["lora", "hydra"]
+    for row in rows:
+        assert (row["dataset"], row["rank"], row["lr"], row["seed"]) == ("scenes", 4, 4e-3, 0)
+        assert row["max_trainable_params"] <= row["budget_params"] == rows[0]["budget_params"]
+    config = yaml.safe_load((tmp_path / "hydra" / "config.yaml").read_text())
+    assert config["train"]["max_steps"] == 2 and config["data"]["validation_samples"] == 300
+    assert "hydra" in result.output and (tmp_path / "report.html").is_file()
