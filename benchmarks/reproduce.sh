@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 #   for d in benchmarks/results/*/runs; do cell=$(basename "$(dirname "$d")"); mkdir -p "runs/bench/${cell%-lora-sweep}";
 #     cp -rn "$d"/. "runs/bench/${cell%-lora-sweep}/"; done
 BENCH=".venv/bin/hydra-rank bench"
-LRS=1e-3,2e-3,4e-3,8e-3  # the same grid for every method (full fine-tuning: x 0.01, see methods.py lr_scale)
+# the same grid for every method (full fine-tuning: x 0.01, see methods.py lr_scale); a method whose best rate is on
+# the grid's edge also trains at the next rate past it (x2 or /2, up to two more: bench.sweep_lrs)
+LRS=1e-3,2e-3,4e-3,8e-3
 
 # headline cell (make bench): scenes at the budget of uniform rank 4, lora and hydra tuned
 $BENCH configs/scenes.yaml --methods lora,hydra --lrs $LRS --seeds 0,1,2 --jobs 2 --output-dir runs/bench/scenes-r4
