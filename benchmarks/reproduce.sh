@@ -20,6 +20,9 @@ $BENCH configs/scenes.yaml --methods lora,hydra --lrs $LRS --seeds 0,1,2 --jobs 
 # tuned peers in the same cell (reuses the lines above)
 $BENCH configs/scenes.yaml --methods lora,hydra,rslora,eva,adalora,full --lrs $LRS --seeds 0,1,2 --jobs 2 \
   --output-dir runs/bench/scenes-r4
+# HyDRA at rsLoRA's scale (alpha 16 under the sqrt convention: 8/sqrt(r) at every rank, as uniform rsLoRA above)
+$BENCH configs/scenes.yaml --methods hydra --lrs $LRS --seeds 0,1,2 --jobs 2 --set adapter.alpha=16 \
+  --output-dir runs/bench/scenes-r4-alpha16
 # the matrix: every task at the budgets of uniform rank 2, 4 and 8 (alpha = 2 r: the same scale at every rank), and
 # one high budget (rank 32, the paper's regime); uniform LoRA's own rank sensitivity is read from the same runs
 for config in configs/scenes.yaml configs/text-tasks.yaml configs/tiny-hydra.yaml; do
