@@ -321,6 +321,27 @@ def bench(
 
 
 @app.command()
+def matrix(
+    folders: Annotated[
+        list[Path], typer.Argument(help="Benchmark folders written by `hydra-rank bench` (one per task and budget).")
+    ],
+    output_dir: Annotated[Path, typer.Option(help="Where to write matrix.md and matrix.json.")] = Path("runs/bench"),
+    method: Annotated[str, typer.Option(help="The method judged against the reference.")] = DEMO_METHODS[1],
+    reference: Annotated[str, typer.Option(help="The uniform baseline.")] = REFERENCE_METHOD,
+) -> None:
+    """One line per (task, budget) cell from several benchmarks, judged against the reference's own rank sensitivity.
+
+    A task counts as capacity-sensitive when the reference's test eval loss falls from its lowest to its highest
+    budget by more than its largest seed std; there the method must have lower mean paired eval loss and not lower
+    accuracy, elsewhere it may not be worse by more than one seed std on either metric."""
+    with _user_errors():
+        from .matrix import write_matrix
+
+        stdout.print(write_matrix(folders, output_dir, method, reference), soft_wrap=True)
+        console.print(f"matrix in {output_dir}/matrix.md and matrix.json")
+
+
+@app.command()
 def methods() -> None:
     """List the fine-tuning methods (the config key adapter.method) and what each one does."""
     from rich.table import Table
