@@ -28,10 +28,14 @@ $BENCH configs/scenes.yaml --methods hydra --lrs $LRS --seeds 0,1,2 --jobs 2 --s
 for config in configs/scenes.yaml configs/text-tasks.yaml configs/tiny-hydra.yaml; do
   task=$(basename "$config" .yaml)
   for rank in 2 4 8; do
+    [[ $task-r$rank == scenes-r4 ]] && continue  # the headline cell above (its results.json also has the peers)
     $BENCH "$config" --methods lora,hydra --lrs $LRS --seeds 0,1,2 --jobs 2 --set data.validation_samples=300 \
       --set adapter.rank=$rank --set adapter.alpha=$((2 * rank)) --output-dir "runs/bench/$task-r$rank"
   done
 done
 $BENCH configs/scenes.yaml --methods lora,hydra --lrs $LRS --seeds 0,1,2 --jobs 2 --set adapter.rank=32 \
   --set adapter.alpha=64 --output-dir runs/bench/scenes-r32
+# one line per cell, each judged by the bar its task's rank sensitivity sets: runs/bench/matrix.md, matrix.json
+.venv/bin/hydra-rank matrix runs/bench/{scenes,text-tasks,tiny-hydra}-r{2,4,8} runs/bench/scenes-r32 \
+  --output-dir runs/bench
 # ablations of the method (validation split, seed 0, lr 1e-3): see BENCHMARKS.md, "What changed in the method"
