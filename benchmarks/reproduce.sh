@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # To continue from the runs committed with the results instead of training them again (each run folder's config.yaml,
 # metrics.json and logs; the bench reuses a run whose configuration matches), copy them in first:
-#   for d in benchmarks/results/*/runs; do cell=$(basename "$(dirname "$d")"); mkdir -p "runs/bench/${cell%-lora-sweep}";
-#     cp -rn "$d"/. "runs/bench/${cell%-lora-sweep}/"; done
+#   for d in benchmarks/results/*/runs; do cell=$(basename "$(dirname "$d")"); mkdir -p "runs/bench/$cell";
+#     cp -rn "$d"/. "runs/bench/$cell/"; done
 BENCH=".venv/bin/hydra-rank bench"
 # the same grid for every method (full fine-tuning: x 0.01, see methods.py lr_scale); a method whose best rate is on
 # the grid's edge also trains at the next rate past it (x2 or /2, up to two more: bench.sweep_lrs)
