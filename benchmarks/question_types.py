@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 # question prefix -> type (the templates of hydra_rank.data.scenes.questions)
@@ -38,8 +39,10 @@ def question_type(question: str) -> str:
     raise ValueError(f"not a scenes question: {question!r}")
 
 
+@cache
 def read_questions(path: Path) -> list[str]:
-    """The human turn of every record of a LLaVA JSONL file, by line (1-based, as `source` counts)."""
+    """The human turn of every record of a LLaVA JSONL file, by line (1-based, as `source` counts); read once per
+    file, however many runs scored it."""
     lines = path.read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["conversations"][0]["value"] for line in lines]
 
@@ -47,16 +50,13 @@ def read_questions(path: Path) -> list[str]:
 def run_counts(run_dir: Path, data: Path | None) -> tuple[Counter, Counter]:
     """(correct, total) per question type of one run."""
     correct, total = Counter(), Counter()
-    cache: dict[Path, list[str]] = {}
     for line in (run_dir / "predictions.jsonl").read_text().splitlines():
         record = json.loads(line)
         path, number = record["source"].rsplit(":", 1)
         path = data or Path(path)
-        if path not in cache:
-            if not path.is_file():
-                raise SystemExit(f"{run_dir}: the test file {path} is not here; pass --data PATH/test.jsonl")
-            cache[path] = read_questions(path)
-        kind = question_type(cache[path][int(number) - 1])
+        if not path.is_file():
+            raise SystemExit(f"{run_dir}: the test file {path} is not here; pass --data PATH/test.jsonl")
+        kind = question_type(read_questions(path)[int(number) - 1])
         total[kind] += 1
         correct[kind] += bool(record["correct"])
     return correct, total

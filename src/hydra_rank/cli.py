@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import ConfigError, HydraError
-from .methods import DEMO_METHODS, METHODS, REFERENCE_METHOD, describe_methods
+from .methods import DEFAULT_METHOD, DEMO_METHODS, METHODS, REFERENCE_METHOD, describe_methods
 from .utils import console
 
 # Results go to stdout (wide enough for the table when piped to a file); progress and messages go to stderr.
@@ -326,7 +326,7 @@ def matrix(
         list[Path], typer.Argument(help="Benchmark folders written by `hydra-rank bench` (one per task and budget).")
     ],
     output_dir: Annotated[Path, typer.Option(help="Where to write matrix.md and matrix.json.")] = Path("runs/bench"),
-    method: Annotated[str, typer.Option(help="The method judged against the reference.")] = DEMO_METHODS[1],
+    method: Annotated[str, typer.Option(help="The method judged against the reference.")] = DEFAULT_METHOD,
     reference: Annotated[str, typer.Option(help="The uniform baseline.")] = REFERENCE_METHOD,
 ) -> None:
     """One line per (task, budget) cell from several benchmarks, judged against the reference's own rank sensitivity.

@@ -110,12 +110,14 @@ def judge(cell_rows: list[dict], method: str, reference: str, sensitive: bool | 
     """One cell's figures, and whether `method` meets the rule for it."""
     by = {(r["method"], r["seed"]): r for r in cell_rows}
     seeds = sorted(s for (m, s) in by if m == method and (reference, s) in by)
-    methods = sorted({r["method"] for r in cell_rows})
+    runs: dict[str, list[dict]] = {}
+    for r in sorted(cell_rows, key=lambda r: r["method"]):
+        runs.setdefault(r["method"], []).append(r)
     pairs = [(by[(method, s)], by[(reference, s)]) for s in seeds]
     delta_acc = [a["eval_accuracy"] - b["eval_accuracy"] for a, b in pairs]
     delta_loss = [a["eval_loss"] - b["eval_loss"] for a, b in pairs]
-    accuracy = {m: stats([r["eval_accuracy"] for r in cell_rows if r["method"] == m]) for m in methods}
-    eval_loss = {m: stats([r["eval_loss"] for r in cell_rows if r["method"] == m]) for m in methods}
+    accuracy = {m: stats([r["eval_accuracy"] for r in rs]) for m, rs in runs.items()}
+    eval_loss = {m: stats([r["eval_loss"] for r in rs]) for m, rs in runs.items()}
     ratios = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in pairs if a.get("peak_rss_mb") and b.get("peak_rss_mb")]
     if not pairs:
         verdict = "no paired seeds"
@@ -135,7 +137,7 @@ def judge(cell_rows: list[dict], method: str, reference: str, sensitive: bool | 
         dataset=first["dataset"],
         rank=first["rank"],
         seeds=seeds,
-        lr={m: next(r["lr"] for r in cell_rows if r["method"] == m) for m in methods},
+        lr={m: rs[0]["lr"] for m, rs in runs.items()},
         accuracy=accuracy,
         eval_loss=eval_loss,
         delta_accuracy=delta_acc,
