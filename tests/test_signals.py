@@ -87,6 +87,24 @@ def test_spectra_match_autograd_weight_gradients(tokenizer, colour_dataset):
     np.testing.assert_allclose(spectra[target.name].sigma, exact, rtol=1e-4, atol=1e-10 * exact[0])
 
 
+def test_spectra_follow_the_given_loss(tokenizer, colour_dataset):
+    """`loss_fn` decides whose gradients are sketched: three times the loss gives three times every singular value."""
+    model, processor = make_tiny_llava(tokenizer)
+    targets = discover_targets(model)[:3]
+    encoder = ChatEncoder(processor)
+    samples = load_json_samples(colour_dataset[0])
+    batches = [collate([encoder.encode(s) for s in samples[:4]], encoder.pad_token_id)]
+
+    def tripled(model, batch):
+        loss, tokens = answer_loss(model, batch)
+        return 3 * loss, tokens
+
+    plain, _ = gradient_spectra(model, targets, batches, rank=6, show_progress=False)
+    scaled, _ = gradient_spectra(model, targets, batches, rank=6, show_progress=False, loss_fn=tripled)
+    for target in targets:
+        np.testing.assert_allclose(scaled[target.name].sigma, 3 * plain[target.name].sigma, rtol=1e-4)
+
+
 def test_sketch_without_batches_is_an_error():
     with pytest.raises(RuntimeError, match="no calibration batch"):
         StackedGradientSketch(4, 2, 0).result()

@@ -28,6 +28,8 @@ from ..loss import answer_loss
 from ..utils import progress_bar
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .budget import Target
 
 SKETCH_OVERSAMPLING = 8  # sketch columns beyond max_rank: keeps the top max_rank singular values accurate
@@ -199,8 +201,10 @@ def gradient_spectra(
     rank: int,
     seed: int = 0,
     show_progress: bool = True,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]] = answer_loss,
 ) -> tuple[dict[str, ModuleSpectrum], float]:
-    """Spectra of every target's calibration gradients (top `rank` values), and the seconds it took.
+    """Spectra of every target's calibration gradients (top `rank` values), and the seconds it took. The gradients
+    are those of `loss_fn` (training's loss by default; `benchmarks/signal_weighting.py` compares another weighting).
 
     Gradients flow to the input embeddings only (`backward(inputs=...)`): no weight gradient is allocated and any
     trainable parameter's `.grad` is left untouched. Hooks are removed afterwards, also on error.
@@ -221,7 +225,7 @@ def gradient_spectra(
         with progress_bar("calibration", total=len(batches), enabled=show_progress) as advance:
             for batch in batches:
                 embedded.clear()
-                loss, _ = answer_loss(model, batch)
+                loss, _ = loss_fn(model, batch)
                 torch.autograd.backward(loss, inputs=embedded)
                 advance(loss=loss.item())
     finally:
