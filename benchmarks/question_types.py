@@ -1,13 +1,14 @@
-"""Scenes accuracy by question type, per run and paired against a reference method, from each run's predictions.
+"""Accuracy by question type (scenes, text task), per run and paired against a reference method, from predictions.
 
 Exact-match accuracy on scenes mixes five question types with very different answers: a one-token count, a yes/no, a
 short phrase ("a red circle", "top left") and a whole description of 5-30 tokens. Eval loss is a mean over answer
 tokens, so descriptions weigh far more in it than counts do, while accuracy counts every question once. Where a
-method's eval loss and accuracy disagree, this table shows which questions moved.
+method's eval loss and accuracy disagree, this table shows which questions moved. On the text task the types are its
+four operations (reverse, add, sort digits, spell backwards).
 
 Each run folder's predictions.jsonl names the test record it scored (`source`: path to test.jsonl and line); the
-question is read from there, or from `--data` (a test.jsonl written by `hydra-rank make-scenes`) when the recorded
-path is not on this machine. Prints markdown and writes runs/question-types.json.
+question is read from there, or from `--data` (the task's test.jsonl, e.g. written by `hydra-rank make-scenes`) when
+the recorded path is not on this machine. Prints markdown and writes runs/question-types.json.
 
     .venv/bin/python benchmarks/question_types.py benchmarks/results/scenes-r4 [--reference lora]
 """
@@ -21,13 +22,17 @@ from collections import Counter
 from functools import cache
 from pathlib import Path
 
-# question prefix -> type (the templates of hydra_rank.data.scenes.questions)
+# question prefix -> type: the templates of hydra_rank.data.scenes.questions, then of hydra_rank.data.text_tasks._task
 TYPES = {
     "Describe": "describe",
     "How many": "count",
     "What is at": "what-is-at",
     "Where is": "where-is",
     "Is the": "left-of",
+    "Reverse the word": "reverse",
+    "Add:": "add",
+    "Sort the digits": "sort-digits",
+    "Spell the word backwards": "spell-backwards",
 }
 
 
@@ -36,7 +41,7 @@ def question_type(question: str) -> str:
     for prefix, kind in TYPES.items():
         if text.startswith(prefix):
             return kind
-    raise ValueError(f"not a scenes question: {question!r}")
+    raise ValueError(f"not a scenes or text-task question: {question!r}")
 
 
 @cache
@@ -93,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cells", nargs="+", type=Path, help="bench folders with runs/<method>-seed<k>/")
     parser.add_argument("--reference", default="lora")
-    parser.add_argument("--data", type=Path, help="the scenes test.jsonl, if the recorded path is not here")
+    parser.add_argument("--data", type=Path, help="the task's test.jsonl, if the recorded path is not here")
     parser.add_argument("--output", type=Path, default=Path("runs/question-types.json"))
     args = parser.parse_args()
 
