@@ -27,7 +27,7 @@ from torch import nn
 
 from hydra_rank.config import load_config
 from hydra_rank.inputs import load_inputs
-from hydra_rank.loss import IGNORE_INDEX, answer_loss
+from hydra_rank.loss import IGNORE_INDEX, answer_logits, answer_loss
 from hydra_rank.methods import METHODS
 from hydra_rank.rank.allocate import allocate
 from hydra_rank.rank.plan import calibration_batches, make_budget
@@ -39,11 +39,7 @@ if TYPE_CHECKING:
 
 def question_mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Cross-entropy averaged over each sample's answer tokens, then over the samples: every question counts once."""
-    targets = batch["labels"][:, 1:]
-    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs, logits_to_keep=positions).logits
-    picked = targets[:, positions]
+    logits, picked = answer_logits(model, batch)
     per_token = F.cross_entropy(logits.float().transpose(1, 2), picked, ignore_index=IGNORE_INDEX, reduction="none")
     counts = (picked != IGNORE_INDEX).sum(dim=1)
     answered = counts > 0

@@ -15,13 +15,18 @@ from torch import nn
 IGNORE_INDEX = -100  # the label of tokens that are not predicted (prompt, image, padding); the data encoder writes it
 
 
-def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over answer tokens, and how many answer tokens the batch had."""
+def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions whose next token is an answer token in some row (batch x positions x vocab), and the
+    labels they predict (batch x positions, IGNORE_INDEX where that row has no answer token there)."""
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    logits = model(**inputs, logits_to_keep=positions).logits
-    picked = targets[:, positions]
+    return model(**inputs, logits_to_keep=positions).logits, targets[:, positions]
+
+
+def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over answer tokens, and how many answer tokens the batch had."""
+    logits, picked = answer_logits(model, batch)
     count = int((picked != IGNORE_INDEX).sum())
     loss = F.cross_entropy(logits.float().flatten(0, 1), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / max(count, 1), count
