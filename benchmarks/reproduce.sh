@@ -39,3 +39,16 @@ $BENCH configs/scenes.yaml --methods lora,hydra --lrs $LRS --seeds 0,1,2 --jobs 
 .venv/bin/hydra-rank matrix runs/bench/{scenes,text-tasks,tiny-hydra}-r{2,4,8} runs/bench/scenes-r32 \
   --output-dir runs/bench
 # ablations of the method (validation split, seed 0, lr 1e-3): see BENCHMARKS.md, "What changed in the method"
+# does a per-question signal allocate differently from the token-mean one? (no training; about 5 minutes)
+.venv/bin/python benchmarks/signal_weighting.py configs/scenes.yaml --output runs/bench/signal-weighting.json
+# three-seed ablations on the validation split, each at the default's tuned rate (4e-3 at both budgets):
+# the default, one decision only (ranks fixed after the warm-up's allocation), cheaper signals (one sketched step,
+# rank ceiling 4 r0), and rank 0 allowed at the rank-2 budget
+VAL=(--methods hydra --seeds 0,1,2 --jobs 2 --set train.lr=4e-3 --set data.eval_split=validation)
+$BENCH configs/scenes.yaml "${VAL[@]}" --output-dir runs/bench/val-r4
+$BENCH configs/scenes.yaml "${VAL[@]}" --set schedule.freeze_fraction=0.1 --output-dir runs/bench/val-r4-onedecision
+$BENCH configs/scenes.yaml "${VAL[@]}" --set schedule.signal_steps=1 --set adapter.max_rank=16 \
+  --output-dir runs/bench/val-r4-cheapsignals
+R2=(--set adapter.rank=2 --set adapter.alpha=4)
+$BENCH configs/scenes.yaml "${VAL[@]}" "${R2[@]}" --output-dir runs/bench/val-r2
+$BENCH configs/scenes.yaml "${VAL[@]}" "${R2[@]}" --set adapter.min_rank=0 --output-dir runs/bench/val-r2-minrank0
