@@ -96,7 +96,12 @@ def print_tables(rows: list[dict], kinds: list[str], reference: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cells", nargs="+", type=Path, help="bench folders with runs/<method>-seed<k>/")
+    parser.add_argument(
+        "cells",
+        nargs="+",
+        type=Path,
+        help="bench folders: runs/<method>-seed<k>/ (committed) or <method>-seed<k>/ (a bench's own output)",
+    )
     parser.add_argument("--reference", default="lora")
     parser.add_argument("--data", type=Path, help="the task's test.jsonl, if the recorded path is not here")
     parser.add_argument("--output", type=Path, default=Path("runs/question-types.json"))
@@ -104,12 +109,14 @@ def main() -> None:
 
     rows = []
     for cell in args.cells:
-        for predictions in sorted(cell.glob("runs/*-seed*/predictions.jsonl")):
+        for predictions in sorted(
+            [*cell.glob("runs/*-seed*/predictions.jsonl"), *cell.glob("*-seed*/predictions.jsonl")]
+        ):
             method, seed = predictions.parent.name.rsplit("-seed", 1)
             correct, total = run_counts(predictions.parent, args.data)
             rows.append({"cell": cell.name, "method": method, "seed": int(seed), "correct": correct, "total": total})
     if not rows:
-        raise SystemExit("no runs/<method>-seed<k>/predictions.jsonl under the given folders")
+        raise SystemExit("no [runs/]<method>-seed<k>/predictions.jsonl under the given folders")
     kinds = [k for k in TYPES.values() if any(r["total"][k] for r in rows)]
     print_tables(rows, kinds, args.reference)
     args.output.parent.mkdir(parents=True, exist_ok=True)
