@@ -52,3 +52,9 @@ $BENCH configs/scenes.yaml "${VAL[@]}" --set schedule.signal_steps=1 --set adapt
 R2=(--set adapter.rank=2 --set adapter.alpha=4)
 $BENCH configs/scenes.yaml "${VAL[@]}" "${R2[@]}" --output-dir runs/bench/val-r2
 $BENCH configs/scenes.yaml "${VAL[@]}" "${R2[@]}" --set adapter.min_rank=0 --output-dir runs/bench/val-r2-minrank0
+# two single-seed probes of HyDRA's loss on the text task (rank-2 budget, its chosen rate 8e-3, validation)
+TEXT=(--methods hydra --seeds 0 --jobs 1 --set train.lr=8e-3 --set data.eval_split=validation --set adapter.rank=2
+  --set adapter.alpha=4)
+$BENCH configs/text-tasks.yaml "${TEXT[@]}" --set schedule.resize_warmup_steps=8 --output-dir runs/bench/text-val-r2-ramp8
+$BENCH configs/text-tasks.yaml "${TEXT[@]}" --set schedule.freeze_fraction=0.1 \
+  --output-dir runs/bench/text-val-r2-onedecision
