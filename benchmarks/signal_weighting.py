@@ -29,12 +29,10 @@ from hydra_rank.config import load_config
 from hydra_rank.inputs import load_inputs
 from hydra_rank.loss import IGNORE_INDEX, answer_logits, answer_loss
 from hydra_rank.methods import METHODS
-from hydra_rank.rank.allocate import allocate
-from hydra_rank.rank.plan import calibration_batches, make_budget
-from hydra_rank.rank.signals import SKETCH_OVERSAMPLING, gradient_spectra
+from hydra_rank.rank.plan import calibrated_allocation, calibration_batches, make_budget
 
 if TYPE_CHECKING:
-    from hydra_rank.rank.budget import Allocation
+    from hydra_rank.rank.budget import Allocation, Target
 
 
 def question_mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -49,10 +47,10 @@ def question_mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 WEIGHTINGS = {"token": answer_loss, "question": question_mean_loss}
 
 
-def kind_means(allocation: Allocation) -> dict[str, float]:
+def kind_means(allocation: Allocation, targets: list[Target]) -> dict[str, float]:
     ranks = defaultdict(list)
-    for name, rank in allocation.ranks.items():
-        ranks[name.rsplit(".", 1)[-1]].append(rank)
+    for target in targets:
+        ranks[target.kind].append(allocation.ranks[target.name])
     return {kind: round(statistics.fmean(values), 2) for kind, values in sorted(ranks.items())}
 
 
@@ -68,22 +66,20 @@ def main() -> None:
     targets, method = inputs.targets, METHODS["hydra"]
     budget = make_budget(config.adapter, targets, method)
     device = torch.device("cpu")
+    seeds = sorted({int(seed) for seed in args.seeds.split(",")})
     allocations: dict[tuple[str, int], Allocation] = {}
-    for seed in map(int, args.seeds.split(",")):
+    for seed in seeds:
         batches = calibration_batches(
             inputs.train_samples, inputs.encoder, config.train.batch_size, args.batches, seed, device
         )
         for weighting, loss_fn in WEIGHTINGS.items():
-            spectra, _ = gradient_spectra(
-                inputs.model, targets, batches, budget.max_rank + SKETCH_OVERSAMPLING, seed, False, loss_fn
+            allocations[weighting, seed], _ = calibrated_allocation(
+                inputs.model, targets, budget, method.mode, batches, seed, False, loss_fn
             )
-            utilities = {name: spectrum.utility(budget.max_rank) for name, spectrum in spectra.items()}
-            allocations[weighting, seed] = allocate(targets, utilities, budget, method.mode)
 
     def moved(a: Allocation, b: Allocation) -> float:
         return a.moved_params(b, targets) / budget.total
 
-    seeds = sorted({seed for _, seed in allocations})
     across_weightings = [moved(allocations["token", s], allocations["question", s]) for s in seeds]
     pairs = list(itertools.combinations(seeds, 2))
     across_draws = {w: [moved(allocations[w, a], allocations[w, b]) for a, b in pairs] for w in WEIGHTINGS}
@@ -93,7 +89,7 @@ def main() -> None:
         "calibration_batches": args.batches,
         "moved_share_token_vs_question": dict(zip(map(str, seeds), across_weightings, strict=True)),
         "moved_share_between_draws": across_draws,
-        "kind_mean_ranks": {f"{w}-seed{s}": kind_means(a) for (w, s), a in allocations.items()},
+        "kind_mean_ranks": {f"{w}-seed{s}": kind_means(a, targets) for (w, s), a in allocations.items()},
     }
     print(f"share of the budget ({budget.total:,} params) that moves between allocations\n")
     print("| comparison | per draw or pair | mean |\n|---|---|---|")

@@ -12,12 +12,15 @@ from torch import nn
 
 from ..data.encode import collate
 from ..errors import ConfigError
+from ..loss import answer_loss
 from ..methods import Method, Start
 from .allocate import allocate
 from .budget import Allocation, Budget, Target, uniform_budget
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, gradient_spectra
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..config import AdapterConfig, RunConfig
     from ..data.encode import ChatEncoder
     from ..data.sample import Sample
@@ -75,11 +78,13 @@ def calibrated_allocation(
     batches: list[dict[str, torch.Tensor]],
     seed: int = 0,
     show_progress: bool = True,
+    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]] = answer_loss,
 ) -> tuple[Allocation, dict[str, ModuleSpectrum]]:
-    """Gradient spectra on `batches`, then the allocation that maximises the captured energy under `budget`."""
+    """Gradient spectra of `loss_fn` on `batches`, then the allocation that maximises the captured energy under
+    `budget`."""
     budget.check_feasible(targets)
     spectra, seconds = gradient_spectra(
-        model, targets, batches, budget.max_rank + SKETCH_OVERSAMPLING, seed=seed, show_progress=show_progress
+        model, targets, batches, budget.max_rank + SKETCH_OVERSAMPLING, seed, show_progress, loss_fn
     )
     utilities = {name: spectrum.utility(budget.max_rank) for name, spectrum in spectra.items()}
     allocation = allocate(targets, utilities, budget, mode)
