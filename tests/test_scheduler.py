@@ -14,11 +14,13 @@ from hydra_rank.inputs import load_model
 from hydra_rank.rank.allocate import allocate, move_towards
 from hydra_rank.rank.budget import Allocation, Budget, discover_targets, uniform_budget
 from hydra_rank.rank.perf_model import PerfModel, spearman
-from hydra_rank.rank.scheduler import decision_steps
+from hydra_rank.rank.scheduler import HydraScheduler, decision_steps
+from hydra_rank.rank.signals import ModuleSpectrum
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
 from .test_allocate import concave_utilities, make_targets
+from .test_resize import adapted  # noqa: F401 - a fixture, used by name
 from .test_train import tiny_config
 
 
@@ -175,3 +177,27 @@ def test_hydra_run_report_shows_the_allocation_story(hydra_runs):
     page = (result.output_dir / "report.html").read_text()
     for png in ("allocation_start.png", "allocation.png", "rank_over_time.png", "predictions.png", "loss_curves.png"):
         assert png in page and (result.output_dir / png).stat().st_size > 5_000, png
+
+
+@pytest.mark.parametrize("rank_scale", ["fixed"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.5])
+def test_decisions_see_energy_shares_averaged_over_sketches(adapted, smoothing):  # noqa: F811
+    """A decision's energy curves are shares of the total (the overall gradient scale drops out), averaged with the
+    earlier decisions' with weight `signal_smoothing`, so one noisy sketch cannot reshuffle the ranks alone."""
+    model, targets = adapted
+    budget = Budget(uniform_budget(targets, 4), min_rank=1, max_rank=8)
+    config = ScheduleConfig(signal_smoothing=smoothing)
+    scheduler = HydraScheduler(model, targets, budget, Allocation.uniform(targets, 4), config, total_steps=10)
+    rng = np.random.default_rng(0)
+
+    def spectra(scale: float) -> dict[str, ModuleSpectrum]:
+        return {
+            t.name: ModuleSpectrum(np.sort(rng.random(6))[::-1] * scale, 1.0, torch.zeros(t.d_in, 6)) for t in targets
+        }
+
+    first, second = spectra(1.0), spectra(1000.0)
+    shares = [np.stack([s[t.name].utility(budget.max_rank) for t in targets]) for s in (first, second)]
+    shares = [curves / curves[:, -1].sum() for curves in shares]
+    np.testing.assert_allclose(scheduler._curves(first), shares[0])
+    np.testing.assert_allclose(scheduler._curves(second), smoothing * shares[0] + (1 - smoothing) * shares[1])
+    assert not np.allclose(shares[0], shares[1])

@@ -41,7 +41,7 @@ from ..utils import JsonlWriter, unwrap_optimizer
 from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
 from .lora import ADAPTER, lora_layers
-from .perf_model import PerfModel, spearman
+from .perf_model import ENERGY_FLOOR, PerfModel, spearman
 from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
@@ -96,6 +96,7 @@ class HydraScheduler:
         self.realised = np.zeros(len(targets))
         self.sketches: SketchHooks | None = None
         self.pending: tuple[np.ndarray, np.ndarray] | None = None  # features and predictions of the last decision
+        self.smoothed: np.ndarray | None = None  # the averaged energy curves of the decisions so far
         if initial_spectra is not None:
             self.pending = self._predict(self._curves(initial_spectra), allocation)
         self.generator = torch.Generator().manual_seed(seed)
@@ -156,7 +157,18 @@ class HydraScheduler:
 
     # ---- decisions ----------------------------------------------------------------------------------------
     def _curves(self, spectra: dict[str, ModuleSpectrum]) -> np.ndarray:
-        return np.stack([spectra[name].utility(self.budget.max_rank) for name in self.names])
+        """Every module's captured-energy curve E_m(0..R), as a share of all modules' total energy, averaged with
+        the earlier decisions' curves (weight `signal_smoothing` on the past). A sketch covers a few steps, so a
+        difference between two modules may be noise, and acting on noise resizes both for nothing. Shares, because
+        gradients shrink as training goes on; the performance model's fit is centred per interval and its
+        intercept is set in loss units, so only relative energies matter to it."""
+        curves = np.stack([spectra[name].utility(self.budget.max_rank) for name in self.names])
+        curves = curves / max(float(curves[:, -1].sum()), ENERGY_FLOOR)
+        if self.smoothed is not None:
+            weight = self.config.signal_smoothing
+            curves = weight * self.smoothed + (1 - weight) * curves
+        self.smoothed = curves
+        return curves
 
     def _predict(self, curves: np.ndarray, allocation: Allocation) -> tuple[np.ndarray, np.ndarray]:
         """Features of every module at its rank in `allocation`, and its predicted gain: 0 at rank 0 (no adapter),
@@ -249,6 +261,7 @@ class HydraScheduler:
             "perf_model": self.perf_model.state_dict(),
             "realised": as_tensor(self.realised),
             "pending": None if self.pending is None else tuple(as_tensor(a) for a in self.pending),
+            "smoothed": None if self.smoothed is None else as_tensor(self.smoothed),
             "decisions_made": self.decisions_made,
             "spearmans": list(self.spearmans),
             "seconds": dict(self.seconds),
@@ -262,6 +275,7 @@ class HydraScheduler:
         self.perf_model.load_state_dict(state["perf_model"])
         self.realised = state["realised"].numpy().copy()
         self.pending = None if state["pending"] is None else tuple(a.numpy() for a in state["pending"])
+        self.smoothed = None if state["smoothed"] is None else state["smoothed"].numpy().copy()
         self.decisions_made = int(state["decisions_made"])
         self.spearmans = list(state["spearmans"])
         self.seconds = dict(state["seconds"])
