@@ -9,7 +9,6 @@ from peft import PeftModel
 
 from hydra_rank.config import ScheduleConfig
 from hydra_rank.inputs import load_model
-from hydra_rank.loop import rebind_optimizer
 from hydra_rank.rank.budget import Allocation
 from hydra_rank.rank.lora import ADAPTER, lora_layers
 from hydra_rank.rank.resize import resize_layer
@@ -36,33 +35,6 @@ def test_a_module_shrinks_to_nothing_and_grows_back(adapted):  # noqa: F811
     assert a.shape == (3, target.d_in) and torch.allclose(a @ a.T, a.norm(dim=1).mean() ** 2 * torch.eye(3))
     with torch.no_grad():
         assert torch.equal(layer(x), layer.get_base_layer()(x))  # B starts at zero: nothing changes yet
-
-
-def test_a_module_grown_from_nothing_starts_fresh_in_the_optimizer(adapted):  # noqa: F811
-    """A rank-0 module never trained anything, so it has no moments to carry: its new factors join the optimizer
-    as a param group born at the re-bind (fresh Adam state and the loop's learning-rate ramp)."""
-    model, targets = adapted
-    layer = lora_layers(model)[targets[0].name]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 1000, (2, 6))
-
-    def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step()
-    resize_layer(layer, targets[0].name, 0, optimizer=optimizer)
-    rebind_optimizer(optimizer, model, step=2)
-    step()
-    assert len(optimizer.param_groups) == 1  # the emptied factors kept their slots
-    resize_layer(layer, targets[0].name, 3, optimizer=optimizer)
-    rebind_optimizer(optimizer, model, step=3)
-    born = optimizer.param_groups[-1]
-    assert born["born"] == 3
-    assert {id(p) for p in born["params"]} == {id(layer.lora_A[ADAPTER].weight), id(layer.lora_B[ADAPTER].weight)}
-    step()
-    assert layer.lora_B[ADAPTER].weight.detach().any()  # it learns
 
 
 @pytest.fixture(scope="module")

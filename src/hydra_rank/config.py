@@ -112,7 +112,7 @@ class ScheduleConfig:
     signal_steps: int = 3  # steps before each decision whose gradients are sketched (more: less noisy spectra)
     # weight of the earlier decisions' spectra in each decision's (an exponential average; 0: each sketch alone)
     signal_smoothing: float = 0.0
-    resize_warmup_steps: int = 3  # learning-rate ramp for adapters grown from rank 0 (the only fresh Adam state)
+    resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
 
 
 @dataclass

@@ -19,13 +19,10 @@ Optimizer state, handled explicitly:
 - grown factors keep their Adam state: the old entries' moments are carried over (they are the same coordinates;
   when B is rescaled by c, its gradient is scaled by 1/c, and so are its moments: m/c, v/c²), the appended entries
   start with a zero first moment and the tensor's mean second moment;
-- re-factored (shrunk) factors keep their slot and step count, but no entry keeps its own moments: the change of
-  basis mixes coordinates, and Adam's per-coordinate second moment has no exact image under it. Every entry starts
-  from a zero first moment and the old tensor's mean second moment, so its steps grow smoothly from a tenth of an
-  ordinary step as the first moment fills (a fresh state would take full-size, sign-like steps at once, and on the
-  text task four in ten modules are re-factored at every decision);
-- a module grown from rank 0 has no state to carry: its new parameters join the optimizer with fresh moments and
-  the loop's short learning-rate warm-up (`schedule.resize_warmup_steps`).
+- re-factored (shrunk) factors get fresh state: the change of basis mixes coordinates, and Adam's per-coordinate
+  second moment has no exact image under it (a rotated first moment with a guessed second moment would hand the
+  new coordinates a history they never had). The loop gives them a short learning-rate warm-up
+  (`schedule.resize_warmup_steps`) so their first, moment-free Adam steps stay small.
 Modules whose rank does not change keep their parameters and optimizer state untouched.
 """
 
@@ -97,8 +94,8 @@ def resize_layer(
 ) -> ResizeResult:
     """Give one LoRA layer rank `new_rank` (new lora_A/lora_B modules of exactly that size).
 
-    With `optimizer`, the layer's Adam state moves to its new parameters (see `carry_state`); a layer grown from
-    rank 0 has none, so its old (empty) parameters leave the optimizer and the loop's re-bind adds the new ones.
+    With `optimizer`, a grown layer's Adam state moves to its new parameters (see `carry_state`); a shrunk layer's
+    old parameters leave the optimizer, and the loop's re-bind adds the new ones with fresh state and a warm-up.
     """
     old_rank = layer.r[ADAPTER]
     if new_rank < 0:
@@ -126,7 +123,7 @@ def resize_layer(
     layer.lora_A[ADAPTER] = _linear(new_a, weight_a)
     layer.lora_B[ADAPTER] = _linear(new_b, weight_b)
     if optimizer is not None:
-        grown = new_rank > old_rank
+        grown = new_rank > old_rank > 0  # from rank 0 there is no state to carry: fresh moments and the LR ramp
         carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
         carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None, factor=1 / rescale)
     set_rank(layer, new_rank)
@@ -136,37 +133,35 @@ def resize_layer(
 def carry_state(
     optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int | None, factor: float = 1.0
 ) -> None:
-    """Hand `old`'s slot in its param group, and its Adam state, to `new`.
+    """Hand `old`'s place in the optimizer to `new`.
 
-    `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): the old entries keep their
-    moments (times `factor`, the ratio of new to old gradients when the factor was rescaled; squared for second
-    moments); appended entries get a zero first moment and the tensor's mean second moment, so their first steps are
-    ordinary-sized (neither the 3x jump of an unbiased fresh moment nor a frozen one). `axis` None (a re-factored
-    factor, same rule with no entry kept): every entry gets a zero first moment and the mean second moment.
-    `old` without state (grown from rank 0: nothing was ever trained) simply leaves the optimizer.
+    `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): `new` takes `old`'s slot in
+    its param group and its state, with the old entries' Adam moments kept (times `factor`, the ratio of new to old
+    gradients when the factor was rescaled; squared for second moments); appended entries get a zero first
+    moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
+    an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
     """
     base = unwrap_optimizer(optimizer)
     state = base.state.pop(old, None)
     for group in base.param_groups:
         for index, parameter in enumerate(group["params"]):
             if parameter is old:
-                if state and old.numel():
-                    group["params"][index] = new
-                else:
+                if axis is None:
                     del group["params"][index]
+                else:
+                    group["params"][index] = new
                 break
-    if not state or not old.numel():
+    if axis is None or not state:
         return
-    block = tuple(slice(0, size) for size in old.shape) if axis is not None else None
+    block = tuple(slice(0, size) for size in old.shape)
     carried = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == old.shape:
             second = key.endswith("exp_avg_sq")
             value = value * (factor**2 if second else factor)
-            fresh = torch.full_like(new, float(value.mean()) if second else 0.0)
-            if block is not None:
-                fresh[block] = value
-            carried[key] = fresh
+            grown = torch.full_like(new, float(value.mean()) if second else 0.0)
+            grown[block] = value
+            carried[key] = grown
         else:
             carried[key] = value
     base.state[new] = carried
