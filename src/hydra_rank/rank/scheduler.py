@@ -14,9 +14,11 @@ from its own parameter updates (optimizer hooks). At a decision the scheduler
 2. predicts every module's gain at every rank and solves the hierarchical allocation (coarse: layer budgets, fine:
    module ranks; `allocate.py`) under the same parameter budget;
 3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget, and only where
-   the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`
-   (the first decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a
-   model already fitted on what every module realised during the warm-up);
+   the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`,
+   with every changed module charged the measured cost of a change (`PerfModel.change_factor`: what modules whose
+   rank changed realised, relative to the model's prediction for them left alone). The first decision after a
+   uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a model already fitted on what
+   every module realised during the warm-up;
 4. resizes the affected adapters in place (`resize.py`) and tells the loop to re-bind the optimizer;
 5. appends the decision to `allocation_history.jsonl`.
 
@@ -170,11 +172,16 @@ class HydraScheduler:
         self.smoothed = curves
         return curves
 
-    def _predict(self, curves: np.ndarray, allocation: Allocation) -> tuple[np.ndarray, np.ndarray]:
-        """Features of every module at its rank in `allocation`, and its predicted gain: 0 at rank 0 (no adapter),
-        which is also how `_decide` tells later which modules could realise anything."""
+    def _predict(
+        self, curves: np.ndarray, allocation: Allocation, previous: Allocation | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features of every module at its rank in `allocation` (changed: other than in `previous`), and its
+        predicted gain: 0 at rank 0 (no adapter), which is also how `_decide` tells later which modules could
+        realise anything."""
         ranks = np.array([allocation.ranks[name] for name in self.names], dtype=np.float64)
-        x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks)
+        before = allocation if previous is None else previous
+        changed = ranks != np.array([before.ranks[name] for name in self.names], dtype=np.float64)
+        x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks, changed)
         return x, np.where(ranks > 0, self.perf_model.predict(x), 0.0)
 
     def _decide(self, step: int, record: dict[str, Any]) -> bool:
@@ -223,6 +230,7 @@ class HydraScheduler:
                 self.budget,
                 self.config.max_move_fraction * self.budget.total,
                 self.config.margin,
+                self.perf_model.change_factor(),
             )
         self.seconds["allocate"] += time.perf_counter() - tick
 
@@ -233,8 +241,8 @@ class HydraScheduler:
         self.seconds["resize"] += time.perf_counter() - tick
 
         moved = new.moved_params(self.allocation, self.targets)
+        self.pending = self._predict(curves, new, self.allocation)
         self.allocation = new
-        self.pending = self._predict(curves, new)
         self.decisions_made += 1
         entry.update(
             ranks=new.ranks,
