@@ -72,6 +72,35 @@ def test_perf_model_recovers_a_known_gain_law():
     assert np.abs(np.log(fitted / realised)).mean() < 0.2  # the intercept puts predictions in the right units
 
 
+def test_perf_model_measures_what_a_change_of_rank_costs():
+    """Realised gains of modules whose rank just changed are half of what their energy predicts: the fit finds the
+    factor, and it stays capped at 1 when changed modules do better (a change is never rewarded for itself)."""
+    rng = np.random.default_rng(0)
+    targets = make_targets(8, [(16, 16), (16, 16), (16, 16)])
+    for cost, expected in ((0.5, 0.5), (2.0, 1.0)):
+        model = PerfModel(targets, ridge=0.01)
+        assert model.change_factor() == 1.0  # the prior: no cost until one is measured
+        for _ in range(3):
+            energy, ranks = rng.lognormal(0, 2, len(targets)), rng.integers(1, 9, len(targets)).astype(float)
+            changed = rng.random(len(targets)) < 0.4
+            realised = energy * cost**changed * rng.lognormal(0, 0.05, len(targets))
+            model.fit(model.features(energy, ranks, changed), realised)
+        assert model.change_factor() == pytest.approx(expected, abs=0.05)
+
+
+def test_a_priced_change_stops_an_exchange_the_margin_allows():
+    """Module 0 would gain 1.5 per parameter from a step that costs module 1 one per parameter: worth it under the
+    margin alone, but not once both pay a 20 % change cost on all they already realise."""
+    targets = make_targets(1, [(8, 8), (8, 8)])
+    budget = Budget(uniform_budget(targets, 2), min_rank=1, max_rank=4)
+    current = Allocation.uniform(targets, 2)
+    target = Allocation({targets[0].name: 3, targets[1].name: 1}, budget.total)
+    utilities = {targets[0].name: np.array([0, 16, 32, 56, 64.0]), targets[1].name: np.array([0, 16, 32, 40, 44.0])}
+    args = (current, target, targets, utilities, budget, budget.total)
+    assert move_towards(*args, margin=0.2).ranks == target.ranks
+    assert move_towards(*args, margin=0.2, change_factor=0.8).ranks == current.ranks
+
+
 def test_perf_model_utilities_are_concave_and_start_at_zero():
     targets = make_targets(2, [(8, 8)])
     model = PerfModel(targets)
