@@ -14,13 +14,11 @@ from hydra_rank.inputs import load_model
 from hydra_rank.rank.allocate import allocate, move_towards
 from hydra_rank.rank.budget import Allocation, Budget, discover_targets, uniform_budget
 from hydra_rank.rank.perf_model import PerfModel, spearman
-from hydra_rank.rank.scheduler import HydraScheduler, decision_steps
-from hydra_rank.rank.signals import ModuleSpectrum
+from hydra_rank.rank.scheduler import decision_steps
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
 from .test_allocate import concave_utilities, make_targets
-from .test_resize import adapted  # noqa: F401 - a fixture, used by name
 from .test_train import tiny_config
 
 
@@ -70,35 +68,6 @@ def test_perf_model_recovers_a_known_gain_law():
     assert spearman(fitted, realised) > 0.98
     assert spearman(fitted, realised) > spearman(prior, realised) + 0.02
     assert np.abs(np.log(fitted / realised)).mean() < 0.2  # the intercept puts predictions in the right units
-
-
-def test_perf_model_measures_what_a_change_of_rank_costs():
-    """Realised gains of modules whose rank just changed are half of what their energy predicts: the fit finds the
-    factor, and it stays capped at 1 when changed modules do better (a change is never rewarded for itself)."""
-    rng = np.random.default_rng(0)
-    targets = make_targets(8, [(16, 16), (16, 16), (16, 16)])
-    for cost, expected in ((0.5, 0.5), (2.0, 1.0)):
-        model = PerfModel(targets, ridge=0.01)
-        assert model.change_factor() == 1.0  # the prior: no cost until one is measured
-        for _ in range(3):
-            energy, ranks = rng.lognormal(0, 2, len(targets)), rng.integers(1, 9, len(targets)).astype(float)
-            changed = rng.random(len(targets)) < 0.4
-            realised = energy * cost**changed * rng.lognormal(0, 0.05, len(targets))
-            model.fit(model.features(energy, ranks, changed), realised)
-        assert model.change_factor() == pytest.approx(expected, abs=0.05)
-
-
-def test_a_priced_change_stops_an_exchange_the_margin_allows():
-    """Module 0 would gain 1.5 per parameter from a step that costs module 1 one per parameter: worth it under the
-    margin alone, but not once both pay a 20 % change cost on all they already realise."""
-    targets = make_targets(1, [(8, 8), (8, 8)])
-    budget = Budget(uniform_budget(targets, 2), min_rank=1, max_rank=4)
-    current = Allocation.uniform(targets, 2)
-    target = Allocation({targets[0].name: 3, targets[1].name: 1}, budget.total)
-    utilities = {targets[0].name: np.array([0, 16, 32, 56, 64.0]), targets[1].name: np.array([0, 16, 32, 40, 44.0])}
-    args = (current, target, targets, utilities, budget, budget.total)
-    assert move_towards(*args, margin=0.2).ranks == target.ranks
-    assert move_towards(*args, margin=0.2, change_factor=0.8).ranks == current.ranks
 
 
 def test_perf_model_utilities_are_concave_and_start_at_zero():
@@ -206,27 +175,3 @@ def test_hydra_run_report_shows_the_allocation_story(hydra_runs):
     page = (result.output_dir / "report.html").read_text()
     for png in ("allocation_start.png", "allocation.png", "rank_over_time.png", "predictions.png", "loss_curves.png"):
         assert png in page and (result.output_dir / png).stat().st_size > 5_000, png
-
-
-@pytest.mark.parametrize("rank_scale", ["fixed"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.5])
-def test_decisions_see_energy_shares_averaged_over_sketches(adapted, smoothing):  # noqa: F811
-    """A decision's energy curves are shares of the total (the overall gradient scale drops out), averaged with the
-    earlier decisions' with weight `signal_smoothing`, so one noisy sketch cannot reshuffle the ranks alone."""
-    model, targets = adapted
-    budget = Budget(uniform_budget(targets, 4), min_rank=1, max_rank=8)
-    config = ScheduleConfig(signal_smoothing=smoothing)
-    scheduler = HydraScheduler(model, targets, budget, Allocation.uniform(targets, 4), config, total_steps=10)
-    rng = np.random.default_rng(0)
-
-    def spectra(scale: float) -> dict[str, ModuleSpectrum]:
-        return {
-            t.name: ModuleSpectrum(np.sort(rng.random(6))[::-1] * scale, 1.0, torch.zeros(t.d_in, 6)) for t in targets
-        }
-
-    first, second = spectra(1.0), spectra(1000.0)
-    shares = [np.stack([s[t.name].utility(budget.max_rank) for t in targets]) for s in (first, second)]
-    shares = [curves / curves[:, -1].sum() for curves in shares]
-    np.testing.assert_allclose(scheduler._curves(first), shares[0])
-    np.testing.assert_allclose(scheduler._curves(second), smoothing * shares[0] + (1 - smoothing) * shares[1])
-    assert not np.allclose(shares[0], shares[1])

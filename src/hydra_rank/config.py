@@ -110,8 +110,6 @@ class ScheduleConfig:
     max_move_fraction: float = 0.15  # at most this share of the budget changes hands per decision (not the first)
     margin: float = 0.2  # a rank moves only if the receiver's predicted gain/param beats the giver's loss by 1 + this
     signal_steps: int = 3  # steps before each decision whose gradients are sketched (more: less noisy spectra)
-    # weight of the earlier decisions' spectra in each decision's (an exponential average; 0: each sketch alone)
-    signal_smoothing: float = 0.0
     resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
 
 
@@ -296,7 +294,6 @@ def validate(config: RunConfig) -> RunConfig:
         _require(0 < getattr(sc, key) <= 1, f"schedule.{key} must be in (0, 1], got {getattr(sc, key)}")
     _require(sc.warmup_fraction <= sc.freeze_fraction, "schedule.warmup_fraction must not exceed freeze_fraction")
     _require(sc.margin >= 0, f"schedule.margin must be >= 0, got {sc.margin}")
-    _require(0 <= sc.signal_smoothing < 1, f"schedule.signal_smoothing must be in [0, 1), got {sc.signal_smoothing}")
     _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
     _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")
     for key in ("max_steps", "batch_size", "grad_accum"):

@@ -151,36 +151,26 @@ def move_towards(
     budget: Budget,
     max_params: float,
     margin: float = 0.0,
-    change_factor: float = 1.0,
 ) -> Allocation:
     """Go part of the way from `current` to `target`, moving at most `max_params` parameters of budget.
 
     Rank increases towards the target are taken best gain per parameter first; each is paid for, when the budget
     has no room left, by the rank decreases towards the target that cost the least predicted gain per parameter. An
     exchange happens only if the increase's gain per parameter beats the decreases' loss per parameter by the factor
-    (1 + `margin`): small predicted improvements are not worth disturbing two adapters. A module whose rank changes
-    is expected to realise only `change_factor` of its utility (the performance model's measured cost of a change),
-    so its first step away from `current` is charged for the whole module. The budget holds after every single step,
-    and ranks stay on the granularity lattice.
+    (1 + `margin`): small predicted improvements are not worth disturbing two adapters. The budget holds after every
+    single step, and ranks stay on the granularity lattice.
     """
     step = budget.granularity
     ranks = dict(current.ranks)
-
-    def value(name: str, rank: int) -> float:
-        u = utilities[name][rank]
-        return u if rank == current.ranks[name] else change_factor * u
 
     def next_step(index: int, direction: int) -> tuple[float, int] | None:
         """(heap key, module) for the module's next step towards its target in `direction` (+1 grow, -1 shrink):
         grows are keyed by minus gain per parameter (best first), shrinks by loss per parameter (cheapest first)."""
         t = targets[index]
-        rank, goal = ranks[t.name], target.ranks[t.name]
+        rank, goal, u = ranks[t.name], target.ranks[t.name], utilities[t.name]
         if (goal - rank) * direction <= 0:
             return None
-        if direction > 0:
-            change = value(t.name, rank + step) - value(t.name, rank)
-        else:
-            change = value(t.name, rank) - value(t.name, rank - step)
+        change = (u[rank + step] - u[rank]) if direction > 0 else (u[rank] - u[rank - step])
         return (-change if direction > 0 else change) / (step * t.cost), index
 
     grows = [key for i in range(len(targets)) if (key := next_step(i, +1))]

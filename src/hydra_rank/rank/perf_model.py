@@ -1,17 +1,10 @@
 """The lightweight performance model: predicts how much loss each module's adapter removes at a given rank.
 
 What it predicts. For module m at rank r, the loss reduction it will contribute over the next interval,
-    ĝ_m(r) = exp(b + w · x_m(r)),   x_m(r) = [log E_m(r), log r, depth_m, changed_m, one-hot(kind_m)],
+    ĝ_m(r) = exp(b + w · x_m(r)),   x_m(r) = [log E_m(r), log r, depth_m, one-hot(kind_m)],
 where E_m(r) is the gradient energy the best r directions capture (from the current gradient sketch, `signals.py`),
-depth_m ∈ [0, 1] is the layer's relative depth, changed_m is 1 if the decision changes the module's rank, and kind_m
-is q_proj, ..., down_proj. The prior is w = (1, 0, ...): gain proportional to captured energy, which is exactly the
-static allocation's first-order estimate.
-
-Why `changed`: moving rank has costs the energy does not see. A re-factored module restarts its optimizer state, a
-grown one starts its new directions from zero, and the modules a noisy prediction picked to grow are, on average,
-the ones it over-rated. exp(w_changed) is what a changed module realised relative to an unchanged one with the same
-features, measured on the run itself; the scheduler charges it to every exchange (`change_factor`), so a task where
-resizing costs more than it brings stops moving rank, and one where it pays keeps moving.
+depth_m ∈ [0, 1] is the layer's relative depth and kind_m is q_proj, ..., down_proj. The prior is w = (1, 0, ...):
+gain proportional to captured energy, which is exactly the static allocation's first-order estimate.
 
 What it learns from. Over each interval between decisions the scheduler measures what every module actually
 contributed: the first-order loss change of its own parameter updates, −Σ_steps ⟨∇_θ L, Δθ⟩ over its A and B
@@ -76,24 +69,17 @@ class PerfModel:
 
     @property
     def feature_names(self) -> list[str]:
-        return ["log_energy", "log_rank", "depth", "changed", *(f"kind:{k}" for k in self.kinds)]
+        return ["log_energy", "log_rank", "depth", *(f"kind:{k}" for k in self.kinds)]
 
     def prior(self) -> np.ndarray:
-        weights = np.zeros(4 + len(self.kinds))
+        weights = np.zeros(3 + len(self.kinds))
         weights[0] = 1.0
         return weights
 
-    def features(self, energy: np.ndarray, ranks: np.ndarray, changed: np.ndarray | None = None) -> np.ndarray:
-        """Rows of x_m(r) for one rank per module: `energy[m]` = E_m(r_m), `ranks[m]` = r_m, `changed[m]` whether
-        the module's rank was just changed (default: none was)."""
+    def features(self, energy: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+        """Rows of x_m(r) for one rank per module: `energy[m]` = E_m(r_m), `ranks[m]` = r_m."""
         log_energy = np.log(np.maximum(energy, ENERGY_FLOOR))  # rank 0 (no adapter) is never predicted from these
-        changed = np.zeros(len(ranks)) if changed is None else np.asarray(changed, dtype=np.float64)
-        return np.column_stack([log_energy, np.log(np.maximum(ranks, 1)), self.depths, changed, self.kind_onehot])
-
-    def change_factor(self) -> float:
-        """What a module realises when its rank changes, as a share of the same module left alone: exp(w_changed),
-        capped at 1 (a change is never rewarded for its own sake)."""
-        return float(min(1.0, np.exp(self.weights[3])))
+        return np.column_stack([log_energy, np.log(np.maximum(ranks, 1)), self.depths, self.kind_onehot])
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.exp(self.intercept + x @ self.weights)
@@ -113,9 +99,8 @@ class PerfModel:
         self.intercept = float(y.mean() - (x @ self.weights).mean())
 
     def utilities(self, curves: np.ndarray) -> np.ndarray:
-        """Predicted gain of every module at every rank, as if left alone there (`change_factor` prices moving it):
-        `curves[m, r]` = E_m(r) for r = 0..R gives u[m, r] with u[m, 0] = 0, made non-decreasing and concave
-        (non-increasing increments), as the allocator expects."""
+        """Predicted gain of every module at every rank: `curves[m, r]` = E_m(r) for r = 0..R gives u[m, r] with
+        u[m, 0] = 0, made non-decreasing and concave (non-increasing increments), as the allocator expects."""
         modules, width = curves.shape
         gains = np.zeros((modules, width))
         for rank in range(1, width):
@@ -139,5 +124,4 @@ class PerfModel:
         self._intervals.extend((x.numpy(), y.numpy()) for x, y in state["intervals"])
 
     def describe(self) -> dict[str, float]:
-        weights = dict(zip(self.feature_names, map(float, self.weights), strict=True))
-        return {"intercept": self.intercept, **weights, "change_factor": self.change_factor()}
+        return {"intercept": self.intercept, **dict(zip(self.feature_names, map(float, self.weights), strict=True))}

@@ -14,11 +14,9 @@ from its own parameter updates (optimizer hooks). At a decision the scheduler
 2. predicts every module's gain at every rank and solves the hierarchical allocation (coarse: layer budgets, fine:
    module ranks; `allocate.py`) under the same parameter budget;
 3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget, and only where
-   the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`,
-   with every changed module charged the measured cost of a change (`PerfModel.change_factor`: what modules whose
-   rank changed realised, relative to the model's prediction for them left alone). The first decision after a
-   uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a model already fitted on what
-   every module realised during the warm-up;
+   the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`
+   (the first decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a
+   model already fitted on what every module realised during the warm-up);
 4. resizes the affected adapters in place (`resize.py`) and tells the loop to re-bind the optimizer;
 5. appends the decision to `allocation_history.jsonl`.
 
@@ -43,7 +41,7 @@ from ..utils import JsonlWriter, unwrap_optimizer
 from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
 from .lora import ADAPTER, lora_layers
-from .perf_model import ENERGY_FLOOR, PerfModel, spearman
+from .perf_model import PerfModel, spearman
 from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
@@ -98,7 +96,6 @@ class HydraScheduler:
         self.realised = np.zeros(len(targets))
         self.sketches: SketchHooks | None = None
         self.pending: tuple[np.ndarray, np.ndarray] | None = None  # features and predictions of the last decision
-        self.smoothed: np.ndarray | None = None  # the averaged energy curves of the decisions so far
         if initial_spectra is not None:
             self.pending = self._predict(self._curves(initial_spectra), allocation)
         self.generator = torch.Generator().manual_seed(seed)
@@ -159,29 +156,13 @@ class HydraScheduler:
 
     # ---- decisions ----------------------------------------------------------------------------------------
     def _curves(self, spectra: dict[str, ModuleSpectrum]) -> np.ndarray:
-        """Every module's captured-energy curve E_m(0..R), as a share of all modules' total energy, averaged with
-        the earlier decisions' curves (weight `signal_smoothing` on the past). A sketch covers a few steps, so a
-        difference between two modules may be noise, and acting on noise resizes both for nothing. Shares, because
-        gradients shrink as training goes on; the performance model's fit is centred per interval and its
-        intercept is set in loss units, so only relative energies matter to it."""
-        curves = np.stack([spectra[name].utility(self.budget.max_rank) for name in self.names])
-        curves = curves / max(float(curves[:, -1].sum()), ENERGY_FLOOR)
-        if self.smoothed is not None:
-            weight = self.config.signal_smoothing
-            curves = weight * self.smoothed + (1 - weight) * curves
-        self.smoothed = curves
-        return curves
+        return np.stack([spectra[name].utility(self.budget.max_rank) for name in self.names])
 
-    def _predict(
-        self, curves: np.ndarray, allocation: Allocation, previous: Allocation | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Features of every module at its rank in `allocation` (changed: other than in `previous`), and its
-        predicted gain: 0 at rank 0 (no adapter), which is also how `_decide` tells later which modules could
-        realise anything."""
+    def _predict(self, curves: np.ndarray, allocation: Allocation) -> tuple[np.ndarray, np.ndarray]:
+        """Features of every module at its rank in `allocation`, and its predicted gain: 0 at rank 0 (no adapter),
+        which is also how `_decide` tells later which modules could realise anything."""
         ranks = np.array([allocation.ranks[name] for name in self.names], dtype=np.float64)
-        before = allocation if previous is None else previous
-        changed = ranks != np.array([before.ranks[name] for name in self.names], dtype=np.float64)
-        x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks, changed)
+        x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks)
         return x, np.where(ranks > 0, self.perf_model.predict(x), 0.0)
 
     def _decide(self, step: int, record: dict[str, Any]) -> bool:
@@ -230,7 +211,6 @@ class HydraScheduler:
                 self.budget,
                 self.config.max_move_fraction * self.budget.total,
                 self.config.margin,
-                self.perf_model.change_factor(),
             )
         self.seconds["allocate"] += time.perf_counter() - tick
 
@@ -241,8 +221,8 @@ class HydraScheduler:
         self.seconds["resize"] += time.perf_counter() - tick
 
         moved = new.moved_params(self.allocation, self.targets)
-        self.pending = self._predict(curves, new, self.allocation)
         self.allocation = new
+        self.pending = self._predict(curves, new)
         self.decisions_made += 1
         entry.update(
             ranks=new.ranks,
@@ -269,7 +249,6 @@ class HydraScheduler:
             "perf_model": self.perf_model.state_dict(),
             "realised": as_tensor(self.realised),
             "pending": None if self.pending is None else tuple(as_tensor(a) for a in self.pending),
-            "smoothed": None if self.smoothed is None else as_tensor(self.smoothed),
             "decisions_made": self.decisions_made,
             "spearmans": list(self.spearmans),
             "seconds": dict(self.seconds),
@@ -283,7 +262,6 @@ class HydraScheduler:
         self.perf_model.load_state_dict(state["perf_model"])
         self.realised = state["realised"].numpy().copy()
         self.pending = None if state["pending"] is None else tuple(a.numpy() for a in state["pending"])
-        self.smoothed = None if state["smoothed"] is None else state["smoothed"].numpy().copy()
         self.decisions_made = int(state["decisions_made"])
         self.spearmans = list(state["spearmans"])
         self.seconds = dict(state["seconds"])
