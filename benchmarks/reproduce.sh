@@ -71,5 +71,8 @@ $BENCH configs/text-tasks.yaml --methods hydra-static "${VAL3[@]}" --output-dir 
 $BENCH configs/text-tasks.yaml --methods hydra "${VAL3[@]}" --set schedule.init=calibrated \
   --output-dir runs/bench/text-val-r2-initcal
 $BENCH configs/text-tasks.yaml "${TEXT[@]}" --set train.max_grad_norm=null --output-dir runs/bench/text-val-r2-noclip
+$BENCH configs/text-tasks.yaml "${TEXT[@]}" --set adapter.min_rank=0 --output-dir runs/bench/text-val-r2-minrank0
+$BENCH configs/text-tasks.yaml "${TEXT[@]}" --methods hydra-static --set adapter.min_rank=0 \
+  --output-dir runs/bench/text-val-r2-static-minrank0
 $BENCH configs/scenes.yaml "${VAL[@]}" --methods hydra-static --output-dir runs/bench/val-r4-static
 $BENCH configs/scenes.yaml "${VAL[@]}" --set schedule.init=calibrated --output-dir runs/bench/val-r4-initcal
