@@ -76,3 +76,5 @@ $BENCH configs/text-tasks.yaml "${TEXT[@]}" --methods hydra-static --set adapter
   --output-dir runs/bench/text-val-r2-static-minrank0
 $BENCH configs/scenes.yaml "${VAL[@]}" --methods hydra-static --output-dir runs/bench/val-r4-static
 $BENCH configs/scenes.yaml "${VAL[@]}" --set schedule.init=calibrated --output-dir runs/bench/val-r4-initcal
+$BENCH configs/text-tasks.yaml "${TEXT[@]}" --set schedule.margin=1.0 --output-dir runs/bench/text-val-r2-margin1
+$BENCH configs/scenes.yaml "${VAL[@]}" --seeds 0 --set schedule.margin=1.0 --output-dir runs/bench/val-r4-margin1
