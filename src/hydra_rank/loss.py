@@ -8,11 +8,16 @@ and gradients are exactly those of the full computation, for a fraction of the h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100  # the label of tokens that are not predicted (prompt, image, padding); the data encoder writes it
+
+# a loss over one batch: (model, batch) -> (mean loss, number of answer tokens); `answer_loss` is training's
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
 def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,11 +19,10 @@ from .budget import Allocation, Budget, Target, uniform_budget
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, gradient_spectra
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ..config import AdapterConfig, RunConfig
     from ..data.encode import ChatEncoder
     from ..data.sample import Sample
+    from ..loss import LossFn
 
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -78,7 +77,7 @@ def calibrated_allocation(
     batches: list[dict[str, torch.Tensor]],
     seed: int = 0,
     show_progress: bool = True,
-    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]] = answer_loss,
+    loss_fn: LossFn = answer_loss,
 ) -> tuple[Allocation, dict[str, ModuleSpectrum]]:
     """Gradient spectra of `loss_fn` on `batches`, then the allocation that maximises the captured energy under
     `budget`."""

@@ -28,8 +28,7 @@ from ..loss import answer_loss
 from ..utils import progress_bar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
+    from ..loss import LossFn
     from .budget import Target
 
 SKETCH_OVERSAMPLING = 8  # sketch columns beyond max_rank: keeps the top max_rank singular values accurate
@@ -201,7 +200,7 @@ def gradient_spectra(
     rank: int,
     seed: int = 0,
     show_progress: bool = True,
-    loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]] = answer_loss,
+    loss_fn: LossFn = answer_loss,
 ) -> tuple[dict[str, ModuleSpectrum], float]:
     """Spectra of every target's calibration gradients (top `rank` values), and the seconds it took. The gradients
     are those of `loss_fn` (training's loss by default; `benchmarks/signal_weighting.py` compares another weighting).
