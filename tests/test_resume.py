@@ -27,10 +27,7 @@ def hydra_config(model_dir, dataset, output_dir):
     config = tiny_config(model_dir, dataset, output_dir, max_steps=STEPS, grad_accum=2, checkpoint_every=4)
     config.adapter.method = "hydra"
     config.adapter.max_rank = 6
-    # without reversals the decisions after a resume depend on each module's direction so far: that is restored too
-    config.schedule = ScheduleConfig(
-        warmup_fraction=0.1, interval_fraction=0.1, freeze_fraction=0.9, signal_steps=2, reversals=False
-    )
+    config.schedule = ScheduleConfig(warmup_fraction=0.1, interval_fraction=0.1, freeze_fraction=0.9, signal_steps=2)
     return config
 
 

@@ -102,7 +102,6 @@ ADDED_KEYS = {
     ("train", "gradient_checkpointing"): False,
     ("train", "mixed_precision"): "no",
     ("train", "sharding"): "none",
-    ("schedule", "reversals"): True,
 }
 
 

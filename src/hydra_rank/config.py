@@ -109,7 +109,6 @@ class ScheduleConfig:
     freeze_fraction: float = 0.7  # ...until here; the ranks stay fixed afterwards
     max_move_fraction: float = 0.15  # at most this share of the budget changes hands per decision (not the first)
     margin: float = 0.2  # a rank moves only if the receiver's predicted gain/param beats the giver's loss by 1 + this
-    reversals: bool = True  # may a module that grew later shrink (or the reverse)? false: every rank path is monotone
     signal_steps: int = 3  # steps before each decision whose gradients are sketched (more: less noisy spectra)
     resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
 

@@ -151,7 +151,6 @@ def move_towards(
     budget: Budget,
     max_params: float,
     margin: float = 0.0,
-    trends: dict[str, int] | None = None,
 ) -> Allocation:
     """Go part of the way from `current` to `target`, moving at most `max_params` parameters of budget.
 
@@ -159,11 +158,9 @@ def move_towards(
     has no room left, by the rank decreases towards the target that cost the least predicted gain per parameter. An
     exchange happens only if the increase's gain per parameter beats the decreases' loss per parameter by the factor
     (1 + `margin`): small predicted improvements are not worth disturbing two adapters. The budget holds after every
-    single step, and ranks stay on the granularity lattice. `trends` (module -> +1 grown / -1 shrunk so far) forbids
-    reversals: a module that has grown may grow further or stay, never shrink, and the other way round.
+    single step, and ranks stay on the granularity lattice.
     """
     step = budget.granularity
-    trends = trends or {}
     ranks = dict(current.ranks)
 
     def next_step(index: int, direction: int) -> tuple[float, int] | None:
@@ -171,7 +168,7 @@ def move_towards(
         grows are keyed by minus gain per parameter (best first), shrinks by loss per parameter (cheapest first)."""
         t = targets[index]
         rank, goal, u = ranks[t.name], target.ranks[t.name], utilities[t.name]
-        if (goal - rank) * direction <= 0 or trends.get(t.name, 0) * direction < 0:
+        if (goal - rank) * direction <= 0:
             return None
         change = (u[rank + step] - u[rank]) if direction > 0 else (u[rank] - u[rank - step])
         return (-change if direction > 0 else change) / (step * t.cost), index

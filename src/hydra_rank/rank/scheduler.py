@@ -16,10 +16,7 @@ from its own parameter updates (optimizer hooks). At a decision the scheduler
 3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget, and only where
    the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`
    (the first decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a
-   model already fitted on what every module realised during the warm-up). With `reversals` off, a module that has
-   grown never shrinks later and one that has shrunk never grows: rank given to a module lets its adapter learn away
-   the gradient energy that earned it, so the next sketch sees that module as less useful and, left free, the
-   scheduler tends to hand the rank back (at the last decisions most changes undo the previous decision's);
+   model already fitted on what every module realised during the warm-up);
 4. resizes the affected adapters in place (`resize.py`) and tells the loop to re-bind the optimizer;
 5. appends the decision to `allocation_history.jsonl`.
 
@@ -105,7 +102,6 @@ class HydraScheduler:
         self.seconds = {"sketch": 0.0, "perf_model": 0.0, "allocate": 0.0, "resize": 0.0, "attribution": 0.0}
         self.history = JsonlWriter(history_path) if history_path else None
         self.decisions_made = 0
-        self.trends: dict[str, int] = {}  # +1 / -1: the direction each module's rank has moved so far
         self.spearmans: list[float] = []
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -215,7 +211,6 @@ class HydraScheduler:
                 self.budget,
                 self.config.max_move_fraction * self.budget.total,
                 self.config.margin,
-                None if self.config.reversals else self.trends,
             )
         self.seconds["allocate"] += time.perf_counter() - tick
 
@@ -226,9 +221,6 @@ class HydraScheduler:
         self.seconds["resize"] += time.perf_counter() - tick
 
         moved = new.moved_params(self.allocation, self.targets)
-        for name, rank in new.ranks.items():
-            if rank != self.allocation.ranks[name]:
-                self.trends[name] = 1 if rank > self.allocation.ranks[name] else -1
         self.allocation = new
         self.pending = self._predict(curves, new)
         self.decisions_made += 1
@@ -258,7 +250,6 @@ class HydraScheduler:
             "realised": as_tensor(self.realised),
             "pending": None if self.pending is None else tuple(as_tensor(a) for a in self.pending),
             "decisions_made": self.decisions_made,
-            "trends": dict(self.trends),
             "spearmans": list(self.spearmans),
             "seconds": dict(self.seconds),
             "generator": self.generator.get_state(),
@@ -272,7 +263,6 @@ class HydraScheduler:
         self.realised = state["realised"].numpy().copy()
         self.pending = None if state["pending"] is None else tuple(a.numpy() for a in state["pending"])
         self.decisions_made = int(state["decisions_made"])
-        self.trends = dict(state["trends"])
         self.spearmans = list(state["spearmans"])
         self.seconds = dict(state["seconds"])
         self.generator.set_state(state["generator"])
