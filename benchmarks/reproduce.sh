@@ -79,7 +79,8 @@ $BENCH configs/scenes.yaml "${VAL[@]}" --set schedule.init=calibrated --output-d
 $BENCH configs/text-tasks.yaml "${TEXT[@]}" --set schedule.margin=1.0 --output-dir runs/bench/text-val-r2-margin1
 $BENCH configs/scenes.yaml "${VAL[@]}" --seeds 0 --set schedule.margin=1.0 --output-dir runs/bench/val-r4-margin1
 # ninth session, two screens of moving rank without undoing it (validation; BENCHMARKS.md, "Moving rank without
-# undoing it"): at commit 6c4028f (since reverted), `--set schedule.reversals=false` added to the text probe (TEXT) and
-# to the scenes seed-0 line (VAL --seeds 0); the reserve (calibrated start at 75 % of the budget, growth only) was an
+# undoing it"): with the knob of commit 6c4028f (since reverted; the text run had the same change uncommitted on
+# 456d513), `--set schedule.reversals=false` added to the text probe (TEXT) and to the scenes seed-0 line
+# (VAL --seeds 0); the reserve (calibrated start at 75 % of the budget, growth only) was an
 # uncommitted change on 6c4028f, run as `--set schedule.init=calibrated --set schedule.reserve=0.25` with VAL3 on text
 # and VAL --seeds 0 on scenes
