@@ -175,3 +175,52 @@ def test_hydra_run_report_shows_the_allocation_story(hydra_runs):
     page = (result.output_dir / "report.html").read_text()
     for png in ("allocation_start.png", "allocation.png", "rank_over_time.png", "predictions.png", "loss_curves.png"):
         assert png in page and (result.output_dir / png).stat().st_size > 5_000, png
+
+
+def test_scheduler_starts_grown_entries_like_a_fresh_adam(tokenizer):
+    """Wiring of `start_moments`: after a growth, the appended B columns' first step is lr·sign(g) (not a fraction of
+    it, as moments borrowed from a tensor with a short history would give), A's appended rows start one step later
+    (their B columns were zero), and then the module leaves the watch list."""
+    from hydra_rank.adapter import attach_lora
+    from hydra_rank.config import AdapterConfig
+    from hydra_rank.rank.lora import ADAPTER, lora_layers
+    from hydra_rank.rank.resize import resize_layer
+    from hydra_rank.rank.scheduler import HydraScheduler
+
+    from .conftest import make_tiny_llava
+
+    torch.manual_seed(0)
+    model, _ = make_tiny_llava(tokenizer)
+    targets = discover_targets(model)
+    allocation = Allocation.uniform(targets, 4)
+    peft_model = attach_lora(model, AdapterConfig(rank=4), allocation)
+    budget = Budget(uniform_budget(targets, 4), max_rank=8)
+    scheduler = HydraScheduler(peft_model, targets, budget, allocation, ScheduleConfig(), total_steps=100)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    scheduler.bind(optimizer)
+    ids = torch.randint(0, 1000, (2, 6))
+
+    def step() -> None:
+        optimizer.zero_grad()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    def fresh_steps(moved: torch.Tensor) -> bool:  # lr·sign(g), but for entries whose |g| is near Adam's eps
+        return bool(moved.max() <= 1e-2 * 1.001 and (moved > 0.99e-2).float().mean() > 0.9)
+
+    for _ in range(3):
+        step()
+    name = targets[0].name
+    layer = lora_layers(peft_model)[name]
+    resize_layer(layer, name, 6, optimizer=optimizer)
+    scheduler.unstarted.add(name)  # what a decision that grows this module records
+    b_before, a_before = layer.lora_B[ADAPTER].weight.detach().clone(), layer.lora_A[ADAPTER].weight.detach().clone()
+    step()
+    moved_b = (layer.lora_B[ADAPTER].weight.detach() - b_before)[:, 4:].abs()
+    assert fresh_steps(moved_b)
+    assert torch.equal(layer.lora_A[ADAPTER].weight.detach()[4:], a_before[4:]) and name in scheduler.unstarted
+    a_before = layer.lora_A[ADAPTER].weight.detach().clone()
+    step()
+    moved_a = (layer.lora_A[ADAPTER].weight.detach() - a_before)[4:].abs()
+    assert fresh_steps(moved_a)
+    assert name not in scheduler.unstarted
