@@ -17,13 +17,8 @@ s_old/s_new so that ΔW is still exactly kept.
 
 Optimizer state, handled explicitly:
 - grown factors keep their Adam state: the old entries' moments are carried over (they are the same coordinates;
-  when B is rescaled by c, its gradient is scaled by 1/c, and so are its moments: m/c, v/c²); the appended entries
-  start with zero moments and take their first step, at their first gradient, as a fresh Adam would (`start_moments`).
-  Moments borrowed from the other entries do not fit them: an appended B column's gradient (its A row points along
-  the strongest uncovered gradient direction) can be tens of times the tensor's typical one, and the tensor's bias
-  correction is spent as its step count grows, so its steps start at a fraction of the learning rate and then
-  overshoot it (simulated with a 20x gradient: 0.5-1.2 lr after 16 steps of training, 0.7-1.7 lr after 56, 1.4-3.9 lr
-  after 500);
+  when B is rescaled by c, its gradient is scaled by 1/c, and so are its moments: m/c, v/c²), the appended entries
+  start with a zero first moment and the tensor's mean second moment;
 - re-factored (shrunk) factors get fresh state: the change of basis mixes coordinates, and Adam's per-coordinate
   second moment has no exact image under it (a rotated first moment with a guessed second moment would hand the
   new coordinates a history they never had). The loop gives them a short learning-rate warm-up
@@ -142,9 +137,9 @@ def carry_state(
 
     `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): `new` takes `old`'s slot in
     its param group and its state, with the old entries' Adam moments kept (times `factor`, the ratio of new to old
-    gradients when the factor was rescaled; squared for second moments); appended entries get zero moments, which
-    `start_moments` recognises as "no gradient seen yet". `axis` None (a re-factored factor): `old` simply leaves the
-    optimizer.
+    gradients when the factor was rescaled; squared for second moments); appended entries get a zero first
+    moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
+    an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
     """
     base = unwrap_optimizer(optimizer)
     state = base.state.pop(old, None)
@@ -162,36 +157,14 @@ def carry_state(
     carried = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == old.shape:
-            grown = torch.zeros_like(new)
-            grown[block] = value * (factor**2 if key.endswith("exp_avg_sq") else factor)
+            second = key.endswith("exp_avg_sq")
+            value = value * (factor**2 if second else factor)
+            grown = torch.full_like(new, float(value.mean()) if second else 0.0)
+            grown[block] = value
             carried[key] = grown
         else:
             carried[key] = value
     base.state[new] = carried
-
-
-@torch.no_grad()
-def start_moments(optimizer: torch.optim.Optimizer, parameter: nn.Parameter) -> bool:
-    """Give the entries of `parameter` that Adam has never seen a gradient for (second moment exactly 0) and that have
-    one now the first step of a fresh Adam: moments set so that this step's bias-corrected estimates are m̂ = g and
-    v̂ = g², i.e. a step of lr·sign(g), whatever the tensor's step count t. (Adam updates m ← β1·m + (1−β1)·g and
-    corrects by 1 − β1^(t+1), so m = g·(1 − β1^t) before the step gives m̂ = g; likewise for v.) Call it just before
-    the optimizer steps, after gradient clipping; entries with a zero gradient keep waiting. Returns whether any
-    entry is still waiting (False for a parameter without Adam state: nothing to start)."""
-    base = unwrap_optimizer(optimizer)
-    state = base.state.get(parameter)
-    if not state or "exp_avg_sq" not in state:
-        return False
-    never = state["exp_avg_sq"] == 0
-    unseen = never & (parameter.grad != 0) if parameter.grad is not None else torch.zeros_like(never)
-    if not unseen.any():
-        return bool(never.any())
-    beta1, beta2 = next(g["betas"] for g in base.param_groups if any(p is parameter for p in g["params"]))
-    steps = float(state["step"])
-    gradient = parameter.grad[unseen]
-    state["exp_avg"][unseen] = gradient * (1 - beta1**steps)
-    state["exp_avg_sq"][unseen] = gradient.square() * (1 - beta2**steps)
-    return bool((never & ~unseen).any())
 
 
 def _linear(weight: torch.Tensor, like: nn.Parameter) -> nn.Linear:

@@ -42,7 +42,7 @@ from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
 from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
-from .resize import apply_allocation, start_moments
+from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
 if TYPE_CHECKING:
@@ -104,7 +104,6 @@ class HydraScheduler:
         self.decisions_made = 0
         self.spearmans: list[float] = []
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.unstarted: set[str] = set()  # grown modules whose appended entries wait for their first gradient
         self.optimizer: torch.optim.Optimizer | None = None
 
     # ---- attribution: what each module's updates removed from the loss -------------------------------------
@@ -120,16 +119,7 @@ class HydraScheduler:
         return layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._start_grown(optimizer)
         self._before = {name: tuple(p.detach().clone() for p in self._factors(name)) for name in self.names}
-
-    def _start_grown(self, optimizer: torch.optim.Optimizer) -> None:
-        """Entries appended by a growth take a fresh Adam's first step at their first gradient (`start_moments`); a
-        module leaves the watch list once none of its entries is still waiting. (B's new columns get a gradient at
-        once, A's new rows one step later: their B columns start at zero.)"""
-        for name in sorted(self.unstarted):
-            if not any([start_moments(optimizer, parameter) for parameter in self._factors(name)]):
-                self.unstarted.discard(name)
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -228,7 +218,6 @@ class HydraScheduler:
         tick = time.perf_counter()
         directions = {name: spectrum.input_directions for name, spectrum in spectra.items()}
         resized = apply_allocation(self.model, new, directions, self.generator, self.optimizer)
-        self.unstarted |= {r.name for r in resized if r.new_rank > r.old_rank > 0}
         self.seconds["resize"] += time.perf_counter() - tick
 
         moved = new.moved_params(self.allocation, self.targets)
@@ -264,7 +253,6 @@ class HydraScheduler:
             "spearmans": list(self.spearmans),
             "seconds": dict(self.seconds),
             "generator": self.generator.get_state(),
-            "unstarted": sorted(self.unstarted),
             "sketches": None if self.sketches is None else self.sketches.state_dict(),
         }
 
@@ -278,7 +266,6 @@ class HydraScheduler:
         self.spearmans = list(state["spearmans"])
         self.seconds = dict(state["seconds"])
         self.generator.set_state(state["generator"])
-        self.unstarted = set(state.get("unstarted", ()))  # absent from checkpoints written before it existed
         if state["sketches"] is not None:
             rank = self.budget.max_rank + SKETCH_OVERSAMPLING
             self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, seed=0)
