@@ -3,7 +3,7 @@
 Three costs come on top of uniform LoRA:
 - signals: before each decision, `signal_steps` training steps feed every target's (inputs, output gradients) into a
   streaming sketch of k = max_rank + 8 columns (`rank/signals.py`): time O(tokens·(d_in+d_out)·k) per module and
-  step, memory min(signal_steps, MERGE_EVERY - 1)·k·(d_in+d_out) floats per module held while a sketch is open;
+  step, memory min(signal_steps, MERGE_EVERY - 1)·k·d_out floats per module held while a sketch is open;
 - decisions: the performance model, the hierarchical allocation and the capped move, over all targets;
 - resizes: re-factoring B·A (QR + a small SVD) of each module whose rank changes, O((d_in+d_out)·r²);
 plus the attribution, a copy of every adapter parameter per optimizer step.
@@ -190,11 +190,12 @@ def main() -> None:
     for name, (hidden, intermediate, kv, layers) in MODELS.items():
         layer = shapes(hidden, intermediate, kv)
         per_layer_cost = sum(d_in + d_out for _, d_in, d_out in layer)
+        per_layer_outputs = sum(d_out for _, _, d_out in layer)  # the sketch keeps the output side only
         for r0 in (16, 64):
             k = 8 * r0 + SKETCH_OVERSAMPLING
             adapter = r0 * per_layer_cost * layers
             parts = min(SIGNAL_STEPS, StackedGradientSketch.MERGE_EVERY - 1)  # factors held between sketched steps
-            sketch_mib = parts * k * per_layer_cost * layers * 4 / 2**20
+            sketch_mib = parts * k * per_layer_outputs * layers * 4 / 2**20
             per_module = [sketch_terms(d_in, d_out, TOKENS, np.float64(k)) @ c["sketch"] for _, d_in, d_out in layer]
             signal_s = SIGNAL_STEPS * layers * sum(per_module)
             decide_s = float(decision_terms(np.float64(7 * layers), np.float64(8 * r0)) @ c["decision"])

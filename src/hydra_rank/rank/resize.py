@@ -4,9 +4,13 @@
   SVD gives B·A = L·diag(σ)·Rᵀ (orthonormal L, R), and A' = c·R[:, :k]ᵀ, B' = L[:, :k]·diag(σ[:k])/c keep the top k
   directions (c: the old rows' RMS norm, so the gradient reaching B keeps its magnitude). The Frobenius error² of ΔW
   is exactly s²·Σ_{i>k} σ_i².
-- Growing (k > r) keeps A and B exactly and appends A rows orthogonal to the existing ones (the top gradient input
-  directions not yet covered, when given, else random; RMS norm c) with zero B columns: ΔW and the layer's output are
-  unchanged, and the new directions start learning from the next step.
+- Growing (k > r) keeps A and B exactly and appends random A rows orthogonal to the existing ones (RMS norm c) with
+  zero B columns: ΔW and the layer's output are unchanged, and the new directions start learning from the next step,
+  as a fresh LoRA direction does. Random, not the strongest gradient directions the module does not cover yet (the
+  choice before the tenth session): a row along such a direction hands its zero B column a large gradient that keeps
+  its sign from step to step, Adam turns that into full-size steps in one direction, and the new direction changes
+  the model faster than the run can absorb (text task, rank-2 budget, validation: 0.2074 and 0.2490 eval loss on seeds
+  0 and 1 with random rows, 0.2739 and 0.3092 with gradient rows; BENCHMARKS.md).
 - Rank 0 is a module without adapter parameters (empty A and B: its update is zero); it keeps its LoRA wrapper during
   training so that its gradient is still sketched and it can grow again. `strip_empty` removes such wrappers before
   the adapter is saved, so the saved adapter is stock PEFT (which has no rank 0).
@@ -59,20 +63,15 @@ def factorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q_b @ u, sigma, q_a @ vh.T
 
 
-def _new_directions(
-    right: torch.Tensor, count: int, candidates: torch.Tensor | None, generator: torch.Generator
-) -> torch.Tensor:
-    """`count` orthonormal d_in-vectors orthogonal to `right`'s columns: the given candidates first (in order),
-    then random ones."""
+def _new_directions(right: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` random orthonormal d_in-vectors orthogonal to `right`'s columns."""
     d_in = right.shape[0]
     if right.shape[1] + count > d_in:
         raise ValueError(f"cannot grow to rank {right.shape[1] + count}: the input dimension is only {d_in}")
     chosen = right
     picked = []
-    pool = [] if candidates is None else [candidates[:, i] for i in range(candidates.shape[1])]
     while len(picked) < count:
-        vector = pool.pop(0) if pool else torch.randn(d_in, generator=generator, dtype=right.dtype)
-        vector = vector.to(right)
+        vector = torch.randn(d_in, generator=generator, dtype=right.dtype).to(right)
         for _ in range(2):  # twice: classical Gram-Schmidt is only stable when repeated
             vector = vector - chosen @ (chosen.T @ vector)
         norm = vector.norm()
@@ -88,7 +87,6 @@ def resize_layer(
     layer: LoraLayer,
     name: str,
     new_rank: int,
-    directions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> ResizeResult:
@@ -109,8 +107,7 @@ def resize_layer(
     if new_rank > old_rank:  # grow: keep A and B exactly, append orthogonal A rows and zero B columns
         row_space, _ = torch.linalg.qr(a.T)
         generator = generator or torch.Generator().manual_seed(0)
-        candidates = None if directions is None else directions.double()
-        extra = _new_directions(row_space, new_rank - old_rank, candidates, generator)
+        extra = _new_directions(row_space, new_rank - old_rank, generator)
         new_a = torch.cat([a, row_norm * extra.T])
         new_b = torch.cat([b * rescale, torch.zeros(b.shape[0], new_rank - old_rank, dtype=b.dtype)], dim=1)
         dropped = 0.0
@@ -181,7 +178,6 @@ def _linear(weight: torch.Tensor, like: nn.Parameter) -> nn.Linear:
 def apply_allocation(
     model: PeftModel,
     allocation: Allocation,
-    directions: dict[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> list[ResizeResult]:
@@ -191,8 +187,7 @@ def apply_allocation(
     results = []
     for name, rank in allocation.ranks.items():
         if layers[name].r[ADAPTER] != rank:
-            hint = (directions or {}).get(name)
-            results.append(resize_layer(layers[name], name, rank, hint, generator, optimizer))
+            results.append(resize_layer(layers[name], name, rank, generator, optimizer))
     config = model.peft_config[ADAPTER]
     config.rank_pattern, config.alpha_pattern = lora_patterns(
         allocation.ranks, config.lora_alpha, config.r, config.use_rslora

@@ -216,8 +216,7 @@ class HydraScheduler:
 
         new = _agree(new)
         tick = time.perf_counter()
-        directions = {name: spectrum.input_directions for name, spectrum in spectra.items()}
-        resized = apply_allocation(self.model, new, directions, self.generator, self.optimizer)
+        resized = apply_allocation(self.model, new, self.generator, self.optimizer)
         self.seconds["resize"] += time.perf_counter() - tick
 
         moved = new.moved_params(self.allocation, self.targets)

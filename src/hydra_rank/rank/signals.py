@@ -36,11 +36,10 @@ SKETCH_OVERSAMPLING = 8  # sketch columns beyond max_rank: keeps the top max_ran
 
 @dataclass
 class ModuleSpectrum:
-    """Top-k singular values of a module's stacked gradients, their total energy, and the top input directions."""
+    """Top-k singular values of a module's stacked gradients and their total energy."""
 
     sigma: np.ndarray  # descending, length k (output side: eigenvalues of Σ_b G_b G_bᵀ are σ²)
     total_energy: float  # Σ_b ‖G_b‖²_F (estimated), ≥ Σ σ_i²
-    input_directions: torch.Tensor  # d_in x k, orthonormal, strongest first (eigenvectors of Σ_b G_bᵀ G_b)
 
     def utility(self, max_rank: int) -> np.ndarray:
         """u[r] = energy captured by the best r output directions, r = 0..max_rank (flat beyond the sketch)."""
@@ -58,13 +57,13 @@ def _top_factor(stacked: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 class StackedGradientSketch:
-    """Streaming rank-k factors of a module's gradients G_b = Δ_bᵀ X_b, fed with (inputs, output grads) per batch:
-    an output-side factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ and an input-side factor D (d_in x k) with
-    D Dᵀ ≈ Σ_b G_bᵀ G_b. Neither G_b nor any d_out x d_in matrix is ever formed.
+    """A streaming rank-k factor of a module's gradients G_b = Δ_bᵀ X_b, fed with (inputs, output grads) per batch:
+    an output-side factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ. Neither G_b nor any d_out x d_in matrix is ever
+    formed.
 
-    Each batch contributes a k-column factor per side, compressed with the running one back to k columns (a
-    frequent-directions style merge) as soon as it arrives, so a sketch holds one k-column factor per side between
-    batches and two during a merge: O(k·d) per side, whatever `signal_steps` is, which matters for a large model
+    Each batch contributes a k-column factor, compressed with the running one back to k columns (a frequent-directions
+    style merge) as soon as it arrives, so a sketch holds one k-column factor between batches and two during a merge:
+    O(k·d_out), whatever `signal_steps` is, which matters for a large model
     (docs/scale.md). Merging every batch rather than every few costs a QR and a small SVD per batch and module, and
     each merge truncates to k = max_rank + oversampling columns, so it moves the top max_rank values only slightly
     against a deferred merge (on scenes: the same ranks at six of seven decisions, four one-rank near-ties differing
@@ -78,7 +77,6 @@ class StackedGradientSketch:
         self.d_in = d_in
         self.generator = torch.Generator().manual_seed(seed)
         self.output_parts: list[torch.Tensor] = []
-        self.input_parts: list[torch.Tensor] = []
         self.total_energy = 0.0
         self.seconds = 0.0
 
@@ -93,10 +91,9 @@ class StackedGradientSketch:
         self.total_energy += float(sample.square().sum()) / self.rank
         basis, _ = torch.linalg.qr(sample)
         small = (basis.T @ d.T) @ x  # Qᵀ G, k x d_in
-        right, triangle = torch.linalg.qr(small.T)  # small = triangleᵀ rightᵀ
-        u, s, vh = torch.linalg.svd(triangle.T)  # G ≈ (Q u) diag(s) (right vhᵀ)ᵀ
+        triangle = torch.linalg.qr(small.T, mode="r")[1]  # small = triangleᵀ rightᵀ, `right` orthonormal (unneeded)
+        u, s, _ = torch.linalg.svd(triangle.T)  # G ≈ Q·small = (Q u) diag(s) (right vhᵀ)ᵀ
         self.output_parts.append((basis @ u) * s)
-        self.input_parts.append((right @ vh.T) * s)
         if len(self.output_parts) >= self.MERGE_EVERY:
             self._compress()
         self.seconds += time.perf_counter() - started
@@ -107,11 +104,10 @@ class StackedGradientSketch:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         self._compress()
-        for side in ("output_parts", "input_parts"):
-            mine = getattr(self, side)[0].contiguous()
-            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-            dist.all_gather(everyone, mine)
-            setattr(self, side, [_top_factor(torch.cat(everyone, dim=1), self.rank)])
+        mine = self.output_parts[0].contiguous()
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        self.output_parts = [_top_factor(torch.cat(everyone, dim=1), self.rank)]
         energy = torch.tensor([self.total_energy], dtype=torch.float64)
         dist.all_reduce(energy)
         self.total_energy = float(energy)
@@ -119,29 +115,25 @@ class StackedGradientSketch:
     def state_dict(self) -> dict:
         return {
             "output_parts": list(self.output_parts),
-            "input_parts": list(self.input_parts),
             "total_energy": self.total_energy,
             "seconds": self.seconds,
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.output_parts, self.input_parts = list(state["output_parts"]), list(state["input_parts"])
+        self.output_parts = list(state["output_parts"])
         self.total_energy, self.seconds = state["total_energy"], state["seconds"]
         self.generator.set_state(state["generator"])
 
     def _compress(self) -> None:
         self.output_parts = [_top_factor(torch.cat(self.output_parts, dim=1), self.rank)]
-        self.input_parts = [_top_factor(torch.cat(self.input_parts, dim=1), self.rank)]
 
     def result(self) -> ModuleSpectrum:
         if not self.output_parts:
             raise RuntimeError("no calibration batch reached this module")
         self._compress()
-        output, inputs = self.output_parts[0].double(), self.input_parts[0].double()
-        sigma = torch.linalg.svdvals(output).cpu().numpy()
-        directions = torch.linalg.svd(inputs, full_matrices=False)[0].float().cpu()
-        return ModuleSpectrum(sigma, max(self.total_energy, float((sigma**2).sum())), directions)
+        sigma = torch.linalg.svdvals(self.output_parts[0].double()).cpu().numpy()
+        return ModuleSpectrum(sigma, max(self.total_energy, float((sigma**2).sum())))
 
 
 class SketchHooks:
