@@ -84,3 +84,13 @@ $BENCH configs/scenes.yaml "${VAL[@]}" --seeds 0 --set schedule.margin=1.0 --out
 # (VAL --seeds 0); the reserve (calibrated start at 75 % of the budget, growth only) was an
 # uncommitted change on 6c4028f, run as `--set schedule.init=calibrated --set schedule.reserve=0.25` with VAL3 on text
 # and VAL --seeds 0 on scenes
+# tenth session (BENCHMARKS.md, "New rank must start like fresh LoRA rank"): on the text task's validation split,
+# the fresh-Adam start of grown entries (commit f7c1e45, reverted) with TEXT; both methods at four times the steps
+# (library code of 456d513);
+$BENCH configs/text-tasks.yaml "${TEXT[@]}" --methods lora,hydra --set train.max_steps=320 \
+  --output-dir runs/bench/text-val-r2-steps320
+# and random rows for grown modules (the default since bc6c1be; the screens ran as a one-line change on 8b1427e):
+$BENCH configs/text-tasks.yaml --methods hydra "${VAL3[@]}" --output-dir runs/bench/text-val-r2-randomgrow
+$BENCH configs/scenes.yaml "${VAL[@]}" --seeds 0 --output-dir runs/bench/val-r4-randomgrow
+# full fine-tuning in the scenes r4 cell ran in a folder of its own (same command as the peers line above, --methods full)
+$BENCH configs/scenes.yaml --methods full --lrs $LRS --seeds 0,1,2 --jobs 2 --output-dir runs/bench/scenes-r4-full
