@@ -9,8 +9,8 @@
   as a fresh LoRA direction does. Random, not the strongest gradient directions the module does not cover yet (the
   choice before the tenth session): a row along such a direction hands its zero B column a large gradient that keeps
   its sign from step to step, Adam turns that into full-size steps in one direction, and the new direction changes
-  the model faster than the run can absorb (text task, rank-2 budget, validation: 0.2074 and 0.2490 eval loss on seeds
-  0 and 1 with random rows, 0.2739 and 0.3092 with gradient rows; BENCHMARKS.md).
+  the model faster than the run can absorb (text task, rank-2 budget, validation, seeds 0-2: 0.2074 / 0.2490 / 0.2026
+  eval loss with random rows, 0.2739 / 0.3092 / 0.3341 with gradient rows; BENCHMARKS.md).
 - Rank 0 is a module without adapter parameters (empty A and B: its update is zero); it keeps its LoRA wrapper during
   training so that its gradient is still sketched and it can grow again. `strip_empty` removes such wrappers before
   the adapter is saved, so the saved adapter is stock PEFT (which has no rank 0).
