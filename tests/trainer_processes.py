@@ -17,3 +17,6 @@ trainer.train()
 fingerprint = process_fingerprint(trainer.model, trainer.hydra.scheduler.allocation)
 (out / f"process-{trainer.args.process_index}.json").write_text(json.dumps(fingerprint))
 trainer.save_model(str(out / "adapter"))
+# Destroy the process group before the interpreter exits, as `hydra-rank train` does: gloo's worker threads torn down
+# during interpreter shutdown can abort the process (SIGABRT after a finished run), most often on a busy machine.
+trainer.accelerator.end_training()
