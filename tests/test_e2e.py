@@ -17,7 +17,7 @@ from hydra_rank.builtin import tiny_vlm_path
 from hydra_rank.config import DEFAULT_SYSTEM_PROMPT, from_dict
 from hydra_rank.data import ChatEncoder, collate, easy_vqa
 from hydra_rank.data.sample import Sample
-from hydra_rank.evaluate import mean_answer_loss
+from hydra_rank.evaluate import generate_answers, mean_answer_loss
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
@@ -56,6 +56,21 @@ def test_assembly_does_not_depend_on_what_the_cache_held(built, monkeypatch):
     second, _ = builtin.assemble(recipe)
     for name, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_generation_returns_answers_in_the_items_order(built):
+    """Generation batches prompts sorted by length; every answer must still land at its own item's index. One item
+    per batch, so the order is the only thing that differs between the two calls."""
+    _, model, processor = built
+    encoder = ChatEncoder(processor, DEFAULT_SYSTEM_PROMPT)
+    samples = easy_vqa.questions("test")[:3] + easy_vqa.captions("test")[:3]
+    items = [encoder.encode(sample) for sample in samples]
+    lengths = [item.prompt_length for item in items]
+    assert lengths != sorted(lengths)  # the sort permutes them
+    answers = generate_answers(model, encoder, items, batch_size=1, max_new_tokens=8, show_progress=False)
+    backwards = generate_answers(model, encoder, items[::-1], batch_size=1, max_new_tokens=8, show_progress=False)
+    assert len(set(answers)) > 2  # otherwise the order could not show
+    assert backwards == answers[::-1]
 
 
 def test_projector_carries_image_content(built):

@@ -70,14 +70,21 @@ def generate_answers(
     max_new_tokens: int = 16,
     show_progress: bool = True,
 ) -> list[str]:
-    """Greedy answers for the items' prompts (everything before the final answer)."""
+    """Greedy answers for the items' prompts (everything before the final answer), in the items' order.
+
+    Batches are formed from prompts sorted by length. A batch generates until its longest answer ends, so one long
+    answer among short ones makes the whole batch run to it; prompts of one length are mostly one question type with
+    answers of similar length (on scenes, "Describe the image." sits in two batches instead of in every one), which
+    cuts generation time by about half there and changes no answer's input."""
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    order = sorted(range(len(items)), key=lambda i: items[i].prompt_length)
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    answers = [""] * len(items)
     tokenizer = encoder.tokenizer
-    total = -(-len(items) // batch_size)
-    with progress_bar("generate", total=total, enabled=show_progress) as advance:
-        for batch in _batches(model, items, encoder.pad_token_id, batch_size, prompt_only=True):
+    with progress_bar("generate", total=len(chunks), enabled=show_progress) as advance:
+        batches = _batches(model, [items[i] for i in order], encoder.pad_token_id, batch_size, prompt_only=True)
+        for chunk, batch in zip(chunks, batches, strict=True):
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -86,7 +93,8 @@ def generate_answers(
                 eos_token_id=tokenizer.eos_token_id,
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            for index, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                answers[index] = text.strip()
             advance()
     model.train(was_training)
     return answers
