@@ -169,7 +169,7 @@ def _eval_destination(folder: Path, adapter: Path | None, own: Path | None) -> P
 # so there is little capacity to redistribute and a demo there cannot show what HyDRA is for (BENCHMARKS.md).
 DEMO_SETTINGS = {
     "data.dataset": "scenes",
-    "data.eval_samples": 100,
+    "data.eval_samples": 300,
     "data.validation_samples": 300,
     "data.max_length": 160,
     "train.max_steps": 80,
