@@ -1,0 +1,87 @@
+"""How HyDRA's decisions move rank, read from finished runs' `allocation_history.jsonl` (no training).
+
+Two questions about the scheduler that BENCHMARKS.md asks of the cells where HyDRA loses: (1) does a decision take
+rank from modules that were doing little and give it to modules that were doing much? For every module moved at a
+decision, the percentile (among all modules, 0 = least, 1 = most) of the loss decrease it realised in the interval
+before, per unit of the rank it had; shrunk modules well below 0.5 and grown ones well above say the decision
+follows realised value. (2) How often is a move undone: of the modules moved at one decision, the share moved the
+other way at the next one.
+
+    .venv/bin/python benchmarks/decision_churn.py benchmarks/results/text-tasks-r2 benchmarks/results/scenes-r4 ...
+
+Prints a table and writes decision_churn.json in --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def churn(entries: list[dict]) -> dict[str, list[float] | int]:
+    """Realised-value percentiles of shrunk and grown modules, and move/reversal counts, over one run's decisions."""
+    names = list(entries[0]["ranks"])
+    shrunk: list[float] = []
+    grown: list[float] = []
+    directions = []
+    for previous, current in itertools.pairwise(entries):
+        before = np.array([previous["ranks"][name] for name in names])
+        after = np.array([current["ranks"][name] for name in names])
+        directions.append(np.sign(after - before))
+        per_rank = np.array(current["per_module"]["realised"]) / np.maximum(before, 1)
+        percentile = per_rank.argsort().argsort() / (len(names) - 1)
+        shrunk += percentile[after < before].tolist()
+        grown += percentile[after > before].tolist()
+    moved = sum(int((d != 0).sum()) for d in directions[:-1])
+    reversed_ = sum(int((a * b < 0).sum()) for a, b in itertools.pairwise(directions))
+    return {"shrunk": shrunk, "grown": grown, "moved": moved, "reversed": reversed_}
+
+
+def cell_row(cell: Path) -> dict:
+    """One benchmark cell: every HyDRA test seed's history pooled."""
+    runs = sorted(cell.glob("runs/hydra-seed*/allocation_history.jsonl"))
+    if not runs:
+        raise SystemExit(f"{cell}: no runs/hydra-seed*/allocation_history.jsonl (is it a bench results folder?)")
+    parts = [churn(history(path)) for path in runs]
+    shrunk = [p for part in parts for p in part["shrunk"]]
+    grown = [p for part in parts for p in part["grown"]]
+    moved = sum(part["moved"] for part in parts)
+    reversed_ = sum(part["reversed"] for part in parts)
+    return {
+        "cell": cell.name,
+        "seeds": len(runs),
+        "shrunk_percentile": float(np.mean(shrunk)),
+        "shrunk_moves": len(shrunk),
+        "grown_percentile": float(np.mean(grown)),
+        "grown_moves": len(grown),
+        "reversal_share": reversed_ / max(moved, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cells", nargs="+", type=Path, help="bench results folders (benchmarks/results/<cell>)")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/decision-churn"))
+    args = parser.parse_args()
+    rows = [cell_row(cell) for cell in args.cells]
+    print("| cell | seeds | shrunk: realised percentile (moves) | grown: realised percentile (moves) | undone next |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['cell']} | {row['seeds']} | {row['shrunk_percentile']:.2f} ({row['shrunk_moves']}) | "
+            f"{row['grown_percentile']:.2f} ({row['grown_moves']}) | {row['reversal_share']:.2f} |"
+        )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "decision_churn.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
