@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from hydra_rank.utils import read_jsonl
 
 
 def churn(entries: list[dict]) -> dict[str, list[float] | int]:
@@ -46,11 +44,13 @@ def churn(entries: list[dict]) -> dict[str, list[float] | int]:
 
 
 def cell_row(cell: Path) -> dict:
-    """One benchmark cell: every HyDRA test seed's history pooled."""
-    runs = sorted(cell.glob("runs/hydra-seed*/allocation_history.jsonl"))
+    """One benchmark cell (committed: runs/hydra-seed<k>/; a bench's own output: hydra-seed<k>/): every HyDRA test
+    seed's history pooled."""
+    pattern = "hydra-seed*/allocation_history.jsonl"
+    runs = sorted([*cell.glob(f"runs/{pattern}"), *cell.glob(pattern)])
     if not runs:
-        raise SystemExit(f"{cell}: no runs/hydra-seed*/allocation_history.jsonl (is it a bench results folder?)")
-    parts = [churn(history(path)) for path in runs]
+        raise SystemExit(f"{cell}: no [runs/]{pattern} (is it a bench folder?)")
+    parts = [churn(read_jsonl(path)) for path in runs]
     shrunk = [p for part in parts for p in part["shrunk"]]
     grown = [p for part in parts for p in part["grown"]]
     moved = sum(part["moved"] for part in parts)
@@ -68,7 +68,9 @@ def cell_row(cell: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cells", nargs="+", type=Path, help="bench results folders (benchmarks/results/<cell>)")
+    parser.add_argument(
+        "cells", nargs="+", type=Path, help="bench folders (benchmarks/results/<cell> or runs/bench/<cell>)"
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/decision-churn"))
     args = parser.parse_args()
     rows = [cell_row(cell) for cell in args.cells]
