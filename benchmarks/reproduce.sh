@@ -99,3 +99,10 @@ $BENCH configs/text-tasks.yaml --methods hydra "${VAL3[@]}" --output-dir runs/be
 $BENCH configs/scenes.yaml "${VAL[@]}" --seeds 0 --output-dir runs/bench/val-r4-randomgrow
 # full fine-tuning in the scenes r4 cell ran in a folder of its own (same command as the peers line above, --methods full)
 $BENCH configs/scenes.yaml --methods full --lrs $LRS --seeds 0,1,2 --jobs 2 --output-dir runs/bench/scenes-r4-full
+# fifteenth session: fewer, longer decision windows (4 decisions 16 steps apart instead of 7, 8 apart) on the text
+# task's validation split at the rank-8 budget, against the default and uniform LoRA at the same rate (their seed 0 is
+# the rank-8 cell's sweep run at 4e-3: same configuration)
+R8VAL=(--seeds 0,1,2 --jobs 2 --set train.lr=4e-3 --set data.eval_split=validation --set adapter.rank=8 --set adapter.alpha=16)
+$BENCH configs/text-tasks.yaml --methods lora,hydra "${R8VAL[@]}" --output-dir runs/bench/val-text-r8
+$BENCH configs/text-tasks.yaml --methods hydra "${R8VAL[@]}" --set schedule.interval_fraction=0.2 \
+  --output-dir runs/bench/val-text-r8-interval02
