@@ -97,6 +97,13 @@ def test_sweep_chooses_on_validation_and_reports_on_test(tiny_llava_dir, colour_
     stamp = metrics.stat().st_mtime_ns
     again = run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2])
     assert metrics.stat().st_mtime_ns == stamp and again.rows == result.rows  # finished runs are reused
+    recorded = json.loads(metrics.read_text())
+    recorded["provenance"]["base_model"]["weights_sha256"] = {"model.safetensors": "0" * 64}  # another machine's
+    metrics.write_text(json.dumps(recorded))
+    stamp = metrics.stat().st_mtime_ns
+    run_bench(base, ["lora"], [0], tmp_path / "bench", lrs=[1e-4, 3e-2])
+    assert metrics.stat().st_mtime_ns != stamp  # same configuration, other base weights: trained again
+    stamp = metrics.stat().st_mtime_ns
     config = load_config(metrics.parent / "config.yaml")  # the finished run's own config: reusable as it is
     [fresh] = run_all([config], tmp_path / "bench", "demo.json", jobs=1, reuse=False)  # the demo always trains
     assert metrics.stat().st_mtime_ns != stamp and fresh["eval_loss"] > 0

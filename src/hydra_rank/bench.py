@@ -2,7 +2,8 @@
 
 Each (method, seed) run trains in its own process (`runner.py`) one after another, so wall time and peak memory are
 each run's own. A run whose directory already holds metrics for the same configuration (every key that can change
-its result: `what_matters`) is reused, so an interrupted benchmark continues where it stopped.
+its result: `what_matters`) and the same base weights (`same_base_model`) is reused, so an interrupted benchmark
+continues where it stopped.
 
 Learning rates are tuned, never guessed per method: with `lrs`, every method first trains once (on the first seed)
 at each learning rate, scored on the validation split (`data.validation_samples` training samples held out), and
@@ -32,8 +33,10 @@ from pathlib import Path
 
 import yaml
 
+from .builtin import resolve
 from .config import RunConfig, from_dict
 from .errors import ConfigError
+from .inputs import model_identity
 from .methods import REFERENCE_METHOD, get_method
 from .report import plot_loss_curves
 from .runner import run_isolated
@@ -114,15 +117,28 @@ def with_added_keys(config: dict) -> dict:
     return filled
 
 
+def same_base_model(metrics: dict, config: RunConfig) -> bool:
+    """Whether a finished run (its metrics) trained on the weights `config`'s base model has here. A built-in VLM's
+    projector is trained when it is built, and the result differs between CPU families, so a run copied from another
+    machine may come from other weights under the same name. A run that recorded no weights (a hub id) is taken as
+    matching: there is nothing to compare."""
+    recorded = metrics.get("provenance", {}).get("base_model", {}).get("weights_sha256")
+    if recorded is None:
+        return True
+    name = config.model.name_or_path
+    return recorded == model_identity(name, resolve(name))["weights_sha256"]
+
+
 def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None, reuse: bool = True) -> dict:
     """The run's metrics: from its folder when it already finished with the same configuration (in every key that
-    can change its result) and `reuse` allows it, else trained."""
+    can change its result) on the same base weights and `reuse` allows it, else trained."""
     run_dir = Path(config.train.output_dir)
     previous = run_dir / "config.yaml"
     if reuse and (run_dir / "metrics.json").is_file() and previous.is_file():
         finished = with_added_keys(yaml.safe_load(previous.read_text(encoding="utf-8")))
-        if what_matters(finished) == what_matters(config.to_dict()):
-            return json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        if what_matters(finished) == what_matters(config.to_dict()) and same_base_model(metrics, config):
+            return metrics
     return run_isolated(config, config_path, threads)
 
 
