@@ -102,7 +102,8 @@ $BENCH configs/scenes.yaml --methods full --lrs $LRS --seeds 0,1,2 --jobs 2 --ou
 # fifteenth session: fewer, longer decision windows (4 decisions 16 steps apart instead of 7, 8 apart) on the text
 # task's validation split at the rank-8 budget, against the default and uniform LoRA at the same rate (their seed 0 is
 # the rank-8 cell's sweep run at 4e-3: same configuration)
-R8VAL=(--seeds 0,1,2 --jobs 2 --set train.lr=4e-3 --set data.eval_split=validation --set adapter.rank=8 --set adapter.alpha=16)
+R8VAL=(--seeds 0,1,2 --jobs 2 --set train.lr=4e-3 --set data.eval_split=validation --set adapter.rank=8
+  --set adapter.alpha=16)
 $BENCH configs/text-tasks.yaml --methods lora,hydra "${R8VAL[@]}" --output-dir runs/bench/val-text-r8
 $BENCH configs/text-tasks.yaml --methods hydra "${R8VAL[@]}" --set schedule.interval_fraction=0.2 \
   --output-dir runs/bench/val-text-r8-interval02
