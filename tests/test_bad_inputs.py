@@ -259,7 +259,9 @@ def test_tokenizer_without_chat_template(tiny_llava_dir, colour_dataset, tmp_pat
 
 def test_non_finite_loss_stops_and_points_to_the_last_good_checkpoint(tiny_llava_dir, colour_dataset, tmp_path):
     config = base_config(tiny_llava_dir, colour_dataset[0].parent, tmp_path / "run")
-    config["train"].update(max_steps=40, lr=1e12, max_grad_norm=None, warmup_steps=0, checkpoint_every=1)
+    # Adam moves every entry by about lr per step, so once A and B have both moved, B·A ~ lr² overflows float32 on
+    # any CPU (at 1e12 the product stayed finite, and whether the loss did depended on the CPU's rounding)
+    config["train"].update(max_steps=40, lr=1e30, max_grad_norm=None, warmup_steps=0, checkpoint_every=1)
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(config))
     result = runner.invoke(app, ["train", str(path)])
