@@ -143,7 +143,9 @@ REFERENCE = Path(__file__).with_name("reference_numbers.json")
 class Reference:
     """Numbers of short, deterministic runs on the real built-in weights, recorded in tests/reference_numbers.json, so
     a change that moves results is noticed when it is made. After a deliberate change, re-record them with
-    `HYDRA_RANK_RECORD_REFERENCE=1 pytest -m e2e` and re-measure what BENCHMARKS.md publishes."""
+    `HYDRA_RANK_RECORD_REFERENCE=1 pytest -m e2e` and re-measure what BENCHMARKS.md publishes. Numbers kept per
+    build (`check`'s `build`) are re-recorded only for the build of the machine that records: delete the other
+    builds' entries of a changed test rather than leave them stale."""
 
     def __init__(self) -> None:
         self.recording = os.environ.get("HYDRA_RANK_RECORD_REFERENCE") == "1"
