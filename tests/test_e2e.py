@@ -14,11 +14,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from hydra_rank import builtin
 from hydra_rank.builtin import tiny_vlm_path
-from hydra_rank.cache import BUILD_FILE
 from hydra_rank.config import DEFAULT_SYSTEM_PROMPT, from_dict
 from hydra_rank.data import ChatEncoder, collate, easy_vqa
 from hydra_rank.data.sample import Sample
 from hydra_rank.evaluate import generate_answers, mean_answer_loss
+from hydra_rank.inputs import model_identity
 from hydra_rank.train import run
 from hydra_rank.utils import read_jsonl
 
@@ -103,7 +103,7 @@ def test_lora_on_easy_vqa_learns_and_reloads_with_stock_peft(built, tmp_path, re
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:2]) / 2, losses
     assert result.metrics["eval_loss"] < 0.5 * before
     assert result.metrics["trainable_params"] == result.metrics["budget_params"] == 4 * 30 * 10_176
-    weights = json.loads((path / BUILD_FILE).read_text())["files"]["model.safetensors"][:12]
+    weights = model_identity("builtin:tiny-vlm", str(path))["weights_sha256"]["model.safetensors"][:12]
     reference.check("lora_easy_vqa_8_steps", {"losses": losses, "eval_loss": result.metrics["eval_loss"]}, weights)
 
     fresh_base = AutoModelForImageTextToText.from_pretrained(path)  # PEFT injects into the model it is given
