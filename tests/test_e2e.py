@@ -39,7 +39,28 @@ def test_builtin_vlm_is_a_plain_llava_checkpoint(built):
     assert model.config.vision_config.model_type == "dinov2" and model.config.text_config.model_type == "llama"
     assert 150e6 < sum(p.numel() for p in model.parameters()) < 160e6
     stage1 = json.loads((path / "hydra_rank_recipe.json").read_text())["stage1"]
+    assert stage1["projector"] == "shipped"  # trained for these source weights: the same VLM on every CPU
     assert stage1["caption_loss_after"] < stage1["caption_loss_before"] / 3
+
+
+def test_stage1_writes_a_projector_only_its_own_recipe_and_sources_use(built, tmp_path, monkeypatch):
+    """`prepare --retrain-projector`: stage 1 trains the projector alone and writes it with what it was trained for;
+    a build takes it only for that recipe and the source weights installed here."""
+    recipe = builtin.TinyVLMRecipe(projector_steps=3, warmup_steps=1)
+    path = tmp_path / "projector.safetensors"
+    stats = builtin.write_projector(path, recipe)
+    assert stats["caption_loss_after"] < stats["caption_loss_before"]
+
+    weights, recorded = builtin.shipped_projector(recipe, path)
+    assert recorded == stats
+    fresh, _ = builtin.assemble(recipe)
+    initial = fresh.model.multi_modal_projector.state_dict()
+    assert set(weights) == set(initial) and all(weights[k].shape == initial[k].shape for k in initial)
+    assert not torch.equal(weights["linear_2.weight"], initial["linear_2.weight"])  # trained, not the initialisation
+
+    assert builtin.shipped_projector(builtin.TinyVLMRecipe(), path) == ({}, {"reason": "another stage-1 recipe"})
+    monkeypatch.setattr(builtin, "source_weights", lambda: {"gguf_sha256": "other", "onnx_sha256": "other"})
+    assert builtin.shipped_projector(recipe, path)[0] == {}
 
 
 def test_assembly_does_not_depend_on_what_the_cache_held(built, monkeypatch):

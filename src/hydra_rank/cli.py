@@ -372,16 +372,28 @@ def make_scenes(
 
 
 @app.command()
-def prepare() -> None:
+def prepare(
+    retrain_projector: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead: run stage 1 of the tiny VLM here (a few minutes) and write its projector to this file; "
+            "copied over src/hydra_rank/assets/tiny-vlm-projector.safetensors it becomes the shipped one."
+        ),
+    ] = None,
+) -> None:
     """Build the built-in models into the cache now (they are otherwise built on first use), and print each one's
     cache key (the entry name: it changes with the code, libraries and source files that build it) and its weights'
     sha256, the identity every run's metrics.json records."""
     with _user_errors():
-        from .builtin import BUILTINS
+        from .builtin import BUILTINS, write_projector
         from .cache import cache_root
         from .inputs import model_identity
 
         started = time.perf_counter()
+        if retrain_projector is not None:
+            stats = write_projector(retrain_projector)
+            console.print(f"wrote {retrain_projector} in {time.perf_counter() - started:.0f} s: {stats}")
+            return
         console.print(f"cache: {cache_root()}")
         for name, build in BUILTINS.items():
             identity = model_identity(name, str(build()))
