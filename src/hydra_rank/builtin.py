@@ -92,6 +92,10 @@ class TinyVLMRecipe:
     # train: run stage 1 on this machine (its result differs slightly between CPU families)
     projector: str = "shipped"
 
+    def __post_init__(self) -> None:
+        if self.projector not in ("shipped", "train"):
+            raise ValueError(f"TinyVLMRecipe.projector must be 'shipped' or 'train', not {self.projector!r}")
+
 
 PROJECTOR_FILE = Path(__file__).parent / "assets" / "tiny-vlm-projector.safetensors"
 
