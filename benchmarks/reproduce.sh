@@ -107,3 +107,11 @@ R8VAL=(--seeds 0,1,2 --jobs 2 --set train.lr=4e-3 --set data.eval_split=validati
 $BENCH configs/text-tasks.yaml --methods lora,hydra "${R8VAL[@]}" --output-dir runs/bench/val-text-r8
 $BENCH configs/text-tasks.yaml --methods hydra "${R8VAL[@]}" --set schedule.interval_fraction=0.2 \
   --output-dir runs/bench/val-text-r8-interval02
+# sixteenth session: the shipped projector is this command's output on an Intel Xeon (tensors and metadata identical)
+.venv/bin/hydra-rank prepare --retrain-projector runs/tiny-vlm-projector.safetensors
+# full fine-tuning, tuned, in the text task's rank-4 cell (the grid times lr_scale 0.01, then two extensions upwards)
+$BENCH configs/text-tasks.yaml --methods full --lrs $LRS --seeds 0,1,2 --jobs 2 --set data.validation_samples=300 \
+  --output-dir runs/bench/text-tasks-r4-full
+# scenes r4, LoRA and HyDRA on the shipped base model at the rate both chose on the AMD build (seed 0 = make demo)
+$BENCH configs/scenes.yaml --methods lora,hydra --seeds 0,1,2 --jobs 2 --set train.lr=4e-3 \
+  --output-dir runs/bench/scenes-r4-shipped
