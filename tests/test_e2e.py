@@ -44,8 +44,8 @@ def test_builtin_vlm_is_a_plain_llava_checkpoint(built):
 
 
 def test_stage1_writes_a_projector_only_its_own_recipe_and_sources_use(built, tmp_path, monkeypatch):
-    """`prepare --retrain-projector`: stage 1 trains the projector alone and writes it with what it was trained for;
-    a build takes it only for that recipe and the source weights installed here."""
+    """`prepare --retrain-projector`: stage 1 trains the projector and writes it with what it was trained for; a
+    build takes it only for that recipe and the source weights installed here."""
     recipe = builtin.TinyVLMRecipe(projector_steps=3, warmup_steps=1)
     path = tmp_path / "projector.safetensors"
     stats = builtin.write_projector(path, recipe)

@@ -19,7 +19,8 @@ or another recipe.
 
 The key (`cache.py`) digests what decides its weights: the recipe, the code of this
 module and of everything it imports (`provenance.code_digest`), the versions of the libraries that matter, and the
-sha256 of the shipped GGUF and ONNX files. `hydra-rank prepare` prints the keys and the weights' sha256.
+sha256 of the shipped GGUF and ONNX files (and, for the VLM, of the projector file). `hydra-rank prepare` prints the
+keys and the weights' sha256.
 
 This is an application-level module: stage 1 trains the projector with the project's own data readers and training
 loop, so it sits above them (`models/` only converts and loads weights). Stage 1 is deterministic on a machine,
