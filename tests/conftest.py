@@ -152,9 +152,10 @@ class Reference:
         self.values = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {}
 
     def check(self, name: str, values: dict, build: str | None = None) -> None:
-        """Compare with the recorded numbers. `build` names base weights that differ by machine (the built-in VLM's
-        projector is trained at build time, and CPU families round differently): numbers are kept per build, and on
-        a build nobody recorded the exact comparison is skipped with a warning (the test's other checks still run)."""
+        """Compare with the recorded numbers. `build` names base weights that can differ by machine (a built-in VLM
+        whose projector was trained on its machine: before the projector shipped, or for another recipe or other
+        source wheels; CPU families round differently): numbers are kept per build, and on a build nobody recorded
+        the exact comparison is skipped with a warning (the test's other checks still run)."""
         if build is not None:
             recorded_builds = sorted(key.split("@")[1] for key in self.values if key.startswith(f"{name}@"))
             name = f"{name}@{build}"

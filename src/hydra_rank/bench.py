@@ -118,10 +118,11 @@ def with_added_keys(config: dict) -> dict:
 
 
 def same_base_model(metrics: dict, config: RunConfig) -> bool:
-    """Whether a finished run (its metrics) trained on the weights `config`'s base model has here. A built-in VLM's
-    projector is trained when it is built, and the result differs between CPU families, so a run copied from another
-    machine may come from other weights under the same name. A run that recorded no weights (a hub id) is taken as
-    matching: there is nothing to compare."""
+    """Whether a finished run (its metrics) trained on the weights `config`'s base model has here. The same name can
+    stand for other weights: a built-in VLM whose projector was trained on its machine (every build before the
+    projector shipped, and any build for another recipe or other source wheels) differs between CPU families, so a
+    run copied from another machine may not match. A run that recorded no weights (a hub id) is taken as matching:
+    there is nothing to compare."""
     recorded = metrics.get("provenance", {}).get("base_model", {}).get("weights_sha256")
     if recorded is None:
         return True
