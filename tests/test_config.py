@@ -38,6 +38,17 @@ def test_overrides_win_and_parse_as_yaml():
     assert parse_override("data.system_prompt=null") == (["data", "system_prompt"], None)
 
 
+def test_bare_no_is_a_word_not_a_boolean(tmp_path):
+    """YAML 1.1 reads a bare `no` as False; the documented value of train.mixed_precision is the word "no"."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  mixed_precision: no\n  save: false\n", encoding="utf-8")
+    config = load_config(path)
+    assert (config.train.mixed_precision, config.train.save) == ("no", False)
+    with pytest.raises(ConfigError, match="train.save: expected bool"):
+        load_config(None, ["train.save=no"])
+
+
 def test_ints_are_accepted_as_floats():
     assert from_dict({"adapter": {"alpha": 16}}).adapter.alpha == 16.0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -326,12 +327,30 @@ def validate(config: RunConfig) -> RunConfig:
     return config
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (only true/false): under PyYAML's YAML 1.1 rules a bare `no`, `off` or `yes`
+    becomes a boolean, so `train.mixed_precision: no`, the documented value, would fail as "expected str"."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config text (a file or a `--set` value) with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader subclass: builds no arbitrary objects
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-3` -> (["train", "lr"], 0.001); the value is parsed as YAML (numbers, null, lists...)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-3), got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), load_yaml(raw) if raw.strip() else ""
 
 
 def from_dict(data: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
@@ -356,7 +375,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(read_text_file(path, "config file")) or {}
+            data = load_yaml(read_text_file(path, "config file")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {one_line(str(error), 300)}") from None
         except DataError as error:
