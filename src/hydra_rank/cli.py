@@ -164,9 +164,10 @@ def _eval_destination(folder: Path, adapter: Path | None, own: Path | None) -> P
 
 # The demo's task: the scenes benchmark's cell at the rank-4 budget (configs/scenes.yaml), at the learning rate both
 # methods chose on its validation split (4e-3), scored on all 300 of its test questions, so the demo's table is that
-# cell's seed 0 (on a third of the questions the verdict flipped with which third: BENCHMARKS.md). Scenes, not easy-VQA, because it is the task where adapter capacity matters (uniform
-# LoRA's eval loss keeps falling from rank 2 to 8); on easy-VQA uniform LoRA gains almost nothing from rank 4 to 8,
-# so there is little capacity to redistribute and a demo there cannot show what HyDRA is for (BENCHMARKS.md).
+# cell's seed 0 (on a third of the questions the verdict flipped with which third: BENCHMARKS.md). Scenes, not
+# easy-VQA, because it is the task where adapter capacity matters (uniform LoRA's eval loss keeps falling from rank 2
+# to 8); on easy-VQA uniform LoRA gains almost nothing from rank 4 to 8, so there is little capacity to redistribute
+# and a demo there cannot show what HyDRA is for (BENCHMARKS.md).
 DEMO_SETTINGS = {
     "data.dataset": "scenes",
     "data.eval_samples": 300,
