@@ -97,3 +97,18 @@ def test_environment_names_commit_versions_and_machine():
     assert found["machine"]["cores"] >= 1 and found["machine"]["python"].count(".") == 2
     if found["git"]["commit"] is not None:  # tests run from a checkout: a full hash
         assert len(found["git"]["commit"]) == 40 and isinstance(found["git"]["dirty"], bool)
+
+
+def test_a_run_records_the_code_it_loaded(tiny_llava_dir, colour_dataset, tmp_path, monkeypatch):
+    """Provenance is taken when the inputs are loaded: a checkout that moves to another commit during a long run
+    must not relabel the run's results with the new commit."""
+    from hydra_rank import provenance
+    from hydra_rank.inputs import load_inputs
+
+    from .test_train import tiny_config
+
+    inputs = load_inputs(tiny_config(tiny_llava_dir, colour_dataset, tmp_path / "out"))
+    loaded = inputs.provenance()["git"]
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": "f" * 40, "dirty": False})
+    assert environment()["git"]["commit"] == "f" * 40  # what a later call would record
+    assert inputs.provenance()["git"] == loaded

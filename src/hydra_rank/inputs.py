@@ -8,7 +8,7 @@ results record where they came from the same way (`RunInputs.provenance`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +45,9 @@ class RunInputs:
     encoder: ChatEncoder
     train_samples: list[Sample]  # in the run's seeded order
     eval_samples: list[Sample]  # the fixed evaluation subset
+    # git state, versions and machine when the inputs were loaded: the code a run imported, even if the checkout
+    # moves to another commit before the run ends and writes its metrics
+    environment: dict[str, Any] = field(default_factory=environment)
 
     @cached_property
     def targets(self) -> list[Target]:
@@ -54,7 +57,7 @@ class RunInputs:
 
     def provenance(self) -> dict[str, Any]:
         """Where a result on these inputs comes from: git state, library versions, machine, and the base model."""
-        return {**environment(), "base_model": model_identity(self.config.model.name_or_path, self.source)}
+        return {**self.environment, "base_model": model_identity(self.config.model.name_or_path, self.source)}
 
 
 def model_identity(name: str, source: str) -> dict[str, Any]:
