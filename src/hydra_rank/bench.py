@@ -31,10 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from .builtin import resolve
-from .config import RunConfig, from_dict
+from .config import RunConfig, from_dict, load_yaml
 from .errors import ConfigError
 from .inputs import model_identity
 from .methods import REFERENCE_METHOD, get_method
@@ -136,7 +134,7 @@ def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = Non
     run_dir = Path(config.train.output_dir)
     previous = run_dir / "config.yaml"
     if reuse and (run_dir / "metrics.json").is_file() and previous.is_file():
-        finished = with_added_keys(yaml.safe_load(previous.read_text(encoding="utf-8")))
+        finished = with_added_keys(load_yaml(previous.read_text(encoding="utf-8")))
         metrics = json.loads((run_dir / "metrics.json").read_text())
         if what_matters(finished) == what_matters(config.to_dict()) and same_base_model(metrics, config):
             return metrics

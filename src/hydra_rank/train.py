@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
@@ -41,6 +40,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .config import load_yaml
 from .data import EncodedDataset, collate
 from .data.sampler import ResumableSampler
 from .errors import ConfigError, HydraError
@@ -162,7 +162,7 @@ def resumable_state(config: RunConfig, out: Path) -> dict[str, Any]:
     saved = out / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"{out} holds no run to resume (no config.yaml); start it without --resume")
-    old, new = yaml.safe_load(saved.read_text(encoding="utf-8")), config.to_dict()
+    old, new = load_yaml(saved.read_text(encoding="utf-8")), config.to_dict()
     changed = [
         f"{s}.{k}" for s in new for k in new[s] if old.get(s, {}).get(k) != new[s][k] and (s, k) != MOVABLE
     ]  # a run folder that was moved or copied resumes where it is now
