@@ -175,3 +175,20 @@ def test_hydra_run_report_shows_the_allocation_story(hydra_runs):
     page = (result.output_dir / "report.html").read_text()
     for png in ("allocation_start.png", "allocation.png", "rank_over_time.png", "predictions.png", "loss_curves.png"):
         assert png in page and (result.output_dir / png).stat().st_size > 5_000, png
+
+
+def test_coherent_spectrum_run_keeps_the_budget_and_says_what_it_measured(tiny_llava_dir, tmp_path):
+    """`adapter.spectrum: coherent` drives both the calibrated start and every decision's sketch."""
+    from .conftest import write_colour_dataset
+
+    dataset = write_colour_dataset(tmp_path / "data", count=16)
+    config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True)
+    config.adapter.method, config.adapter.max_rank, config.adapter.spectrum = "hydra", 6, "coherent"
+    config.adapter.calibration_batches = 2
+    config.schedule = ScheduleConfig(init="calibrated", warmup_fraction=0.25, interval_fraction=0.25, signal_steps=2)
+    result = run(config, show_progress=False)
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert [entry["step"] for entry in history] == [2, 4, 6]
+    assert all(entry["used_params"] <= result.metrics["budget_params"] for entry in history)
+    start = Allocation.load(result.output_dir / "allocation_start.json")
+    assert start.info["signal"].startswith("coherent") and len(set(start.ranks.values())) > 1

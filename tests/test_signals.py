@@ -39,6 +39,44 @@ def test_sketch_matches_the_exact_stacked_spectrum():
     assert abs(result.total_energy - exact_energy) / exact_energy < 0.5  # unbiased estimate from 8 probes
 
 
+def test_coherent_spectrum_is_the_cross_batch_estimate():
+    """(S Sᵀ − Σ_b G_b G_bᵀ) / (B(B−1)), S = Σ_b G_b: exact when the sketch is as wide as the module."""
+    rng = np.random.default_rng(0)
+    pairs = [tuple(torch.tensor(rng.standard_normal((40, n))) for n in (30, 20)) for _ in range(4)]
+    sketch = StackedGradientSketch(d_in=30, rank=20, seed=0, coherent=True)
+    for x, d in pairs:
+        sketch.update(x, d)
+    grads = [(d.T @ x).numpy() for x, d in pairs]
+    total = sum(grads)
+    cross = total @ total.T - sum(g @ g.T for g in grads)
+    expected = np.clip(np.linalg.eigvalsh(cross)[::-1], 0, None) / (4 * 3)
+    np.testing.assert_allclose(sketch.result().sigma ** 2, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_coherent_spectrum_discounts_what_the_batches_do_not_share():
+    """A module whose batches pull in unrelated directions has the larger stacked energy, but the smaller coherent
+    one, against a module whose batches agree: the noise is not something rank can buy."""
+    rng = np.random.default_rng(1)
+    shared = rng.standard_normal((30, 20)) / 10
+    spectra = {}
+    for kind in ("stacked", "coherent"):
+        noisy, steady = (StackedGradientSketch(30, 8, 0, coherent=kind == "coherent") for _ in range(2))
+        for _ in range(4):
+            x = torch.tensor(rng.standard_normal((40, 30)))
+            noisy.update(x, torch.tensor(1.2 * rng.standard_normal((40, 20))))
+            steady.update(x, x @ torch.tensor(shared) + 0.01 * torch.tensor(rng.standard_normal((40, 20))))
+        spectra[kind] = [sketch.result().utility(4)[4] for sketch in (noisy, steady)]
+    assert spectra["stacked"][0] > 1.2 * spectra["stacked"][1]
+    assert spectra["coherent"][1] > 1.8 * spectra["coherent"][0]
+
+
+def test_a_coherent_spectrum_needs_two_batches():
+    sketch = StackedGradientSketch(d_in=3, rank=2, seed=0, coherent=True)
+    sketch.update(torch.ones(4, 3), torch.ones(4, 2))
+    with pytest.raises(RuntimeError, match="at least two batches"):
+        sketch.result()
+
+
 def test_utility_is_cumulative_energy_and_flat_beyond_the_sketch():
     spectrum = ModuleSpectrum(sigma=np.array([3.0, 2.0, 1.0]), total_energy=20.0)
     np.testing.assert_allclose(spectrum.utility(5), [0, 9, 13, 14, 14, 14])

@@ -81,6 +81,9 @@ def method_config(
     return from_dict(data)
 
 
+ALLOCATION_KEYS = ("rank_scale", "spectrum")  # adapter keys read only by methods that allocate ranks
+
+
 def what_matters(config: dict) -> dict:
     """The part of a config (as a dict) that can change a run's result: the scheduler's keys only matter to a
     dynamic method and the scale convention of ranks other than r0 only to a method that allocates ranks, so a
@@ -90,7 +93,7 @@ def what_matters(config: dict) -> dict:
     if method.dynamic:
         relevant["schedule"] = config["schedule"]
     if not method.allocates:
-        relevant["adapter"] = {key: value for key, value in config["adapter"].items() if key != "rank_scale"}
+        relevant["adapter"] = {key: value for key, value in config["adapter"].items() if key not in ALLOCATION_KEYS}
     return relevant
 
 
@@ -100,6 +103,7 @@ def what_matters(config: dict) -> dict:
 ADDED_KEYS = {
     ("model", "quantization"): "none",
     ("adapter", "rank_scale"): "fixed",
+    ("adapter", "spectrum"): "stacked",
     ("train", "gradient_checkpointing"): False,
     ("train", "mixed_precision"): "no",
     ("train", "sharding"): "none",

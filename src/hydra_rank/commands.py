@@ -48,7 +48,9 @@ def allocate_for_config(
     batches = calibration_batches(inputs.train_samples, inputs.encoder, t.batch_size, count, t.seed, device)
     budget = make_budget(config.adapter, targets, method)
     model = inputs.model.to(device)
-    allocation, _ = calibrated_allocation(model, targets, budget, method.mode, batches, t.seed, show_progress)
+    allocation, _ = calibrated_allocation(
+        model, targets, budget, method.mode, batches, t.seed, show_progress, spectrum=config.adapter.spectrum
+    )
     allocation.info["method"] = method.name
     save_allocation(allocation, targets, output_dir, f"{method.name} ranks (budget {allocation.budget:,} params)")
     return allocation, targets

@@ -34,6 +34,7 @@ DATASETS = ("easy-vqa", "scenes", "text-tasks", "llava-json", "hf-dataset")
 EVAL_SPLITS = ("test", "validation")
 SCHEDULE_INITS = ("warmup", "calibrated")
 RANK_SCALES = ("fixed", "sqrt")
+SPECTRA = ("stacked", "coherent")  # what utility curves measure (`rank/signals.py`)
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -88,6 +89,9 @@ class AdapterConfig:
     max_rank: int | None = None  # None: 8 x rank (and never above a module's width, min(d_in, d_out))
     rank_granularity: int = 1  # ranks are min_rank + k x granularity (e.g. 4 for kernel-friendly shapes)
     calibration_batches: int = 4  # batches whose gradient spectra drive the initial allocation
+    # what a module's utility curve measures (`rank/signals.py`): stacked: the energy of every batch's gradient;
+    # coherent: only what the batches' gradients share (per-batch noise removed; needs 2+ batches per spectrum)
+    spectrum: str = "stacked"
     allocation_path: str | None = None  # use this allocation.json (from `hydra-rank allocate`) instead of calibrating
 
     @property
@@ -282,6 +286,12 @@ def validate(config: RunConfig) -> RunConfig:
     _require(a.upper_rank >= a.min_rank, f"adapter.max_rank ({a.upper_rank}) is below adapter.min_rank ({a.min_rank})")
     _require(
         a.calibration_batches >= 1, f"adapter.calibration_batches must be at least 1, got {a.calibration_batches}"
+    )
+    _require(a.spectrum in SPECTRA, f"adapter.spectrum must be one of {SPECTRA}, got {a.spectrum!r}")
+    _require(
+        a.spectrum != "coherent" or min(a.calibration_batches, config.schedule.signal_steps) >= 2,
+        "adapter.spectrum coherent compares batches with each other: adapter.calibration_batches and "
+        "schedule.signal_steps must be at least 2",
     )
     _require(
         a.spec.allocates or (a.budget_params is None and a.allocation_path is None),

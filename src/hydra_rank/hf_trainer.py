@@ -103,6 +103,7 @@ class HydraCallback(TrainerCallback):
             self.config.schedule,
             state.max_steps,
             mode=self.config.adapter.spec.mode,
+            spectrum=self.config.adapter.spectrum,
             seed=self.config.train.seed,
             history_path=None if self.history_dir is None else self.history_dir / "allocation_history.jsonl",
             initial_spectra=self.adapted.spectra,

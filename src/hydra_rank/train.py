@@ -342,6 +342,7 @@ def _scheduler(session: Session) -> HydraScheduler:
         session.config.schedule,
         t.max_steps,
         mode=session.config.adapter.spec.mode,
+        spectrum=session.config.adapter.spectrum,
         seed=t.seed,
         history_path=session.out / "allocation_history.jsonl" if main else None,
         initial_spectra=session.adapted.spectra,

@@ -78,18 +78,19 @@ def calibrated_allocation(
     seed: int = 0,
     show_progress: bool = True,
     loss_fn: LossFn = answer_loss,
+    spectrum: str = "stacked",
 ) -> tuple[Allocation, dict[str, ModuleSpectrum]]:
-    """Gradient spectra of `loss_fn` on `batches`, then the allocation that maximises the captured energy under
-    `budget`."""
+    """Gradient spectra (`spectrum`: stacked or coherent) of `loss_fn` on `batches`, then the allocation that
+    maximises the captured energy under `budget`."""
     budget.check_feasible(targets)
     spectra, seconds = gradient_spectra(
-        model, targets, batches, budget.max_rank + SKETCH_OVERSAMPLING, seed, show_progress, loss_fn
+        model, targets, batches, budget.max_rank + SKETCH_OVERSAMPLING, seed, show_progress, loss_fn, spectrum
     )
     utilities = {name: spectrum.utility(budget.max_rank) for name, spectrum in spectra.items()}
     allocation = allocate(targets, utilities, budget, mode)
     allocation.info["calibration_seconds"] = round(seconds, 2)
     allocation.info["calibration_batches"] = len(batches)
-    allocation.info["signal"] = "stacked calibration-gradient spectrum (output side)"
+    allocation.info["signal"] = f"{spectrum} calibration-gradient spectrum (output side)"
     return allocation, spectra
 
 
@@ -120,7 +121,7 @@ def initial_allocation(
         rank = max(budget.min_rank, min(adapter.rank, budget.total // sum(t.cost for t in targets)))
         return Allocation({t.name: rank for t in targets}, budget.total, {"method": "uniform warm-up"}), None
     allocation, spectra = calibrated_allocation(
-        model, targets, budget, adapter.spec.mode, batches, config.train.seed, show_progress
+        model, targets, budget, adapter.spec.mode, batches, config.train.seed, show_progress, spectrum=adapter.spectrum
     )
     allocation.info["method"] = adapter.method
     if start is Start.SHUFFLED:

@@ -81,6 +81,7 @@ class HydraScheduler:
         total_steps: int,
         *,
         mode: str = "hierarchical",
+        spectrum: str = "stacked",
         seed: int = 0,
         history_path: Path | None = None,
         initial_spectra: dict[str, ModuleSpectrum] | None = None,
@@ -88,7 +89,7 @@ class HydraScheduler:
     ) -> None:
         self.model, self.targets, self.budget, self.config = model, targets, budget, config
         self.allocation = allocation
-        self.mode, self.seed, self.debug_checks = mode, seed, debug_checks
+        self.mode, self.spectrum, self.seed, self.debug_checks = mode, spectrum, seed, debug_checks
         self.decisions = decision_steps(total_steps, config)
         self.perf_model = PerfModel(targets)
         self.layers = lora_layers(model)
@@ -136,7 +137,9 @@ class HydraScheduler:
         upcoming = [d for d in self.decisions if d >= step]
         if upcoming and upcoming[0] - self.config.signal_steps < step and self.sketches is None:
             rank = self.budget.max_rank + SKETCH_OVERSAMPLING
-            self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, seed=self.seed + step)
+            self.sketches = SketchHooks(
+                self.model.base_model.model, self.targets, rank, seed=self.seed + step, spectrum=self.spectrum
+            )
 
     def step_end(self, step: int, record: dict[str, Any]) -> bool:
         changed = step in self.decisions and self._decide(step, record)
@@ -267,7 +270,7 @@ class HydraScheduler:
         self.generator.set_state(state["generator"])
         if state["sketches"] is not None:
             rank = self.budget.max_rank + SKETCH_OVERSAMPLING
-            self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, seed=0)
+            self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, spectrum=self.spectrum)
             self.sketches.load_state_dict(state["sketches"])
 
     def summary(self) -> dict[str, Any]:

@@ -11,6 +11,13 @@ randomized range finder straight from Δ and X (cost O(tokens · d · k)), and t
 at k columns by an SVD after every batch (a frequent-directions style merge). Per module that is O(d_out · k) memory,
 and the inputs held for the backward pass are the activations autograd keeps anyway. Total energy Σ_b ‖G_b‖²_F is
 estimated without forming G_b from the same random projection (E‖GΩ‖² = k‖G‖² for Gaussian Ω).
+
+Stacked energy counts every batch's gradient noise as something rank can buy: a module whose batches' gradients point
+in unrelated directions has a large Σ_b G_b G_bᵀ, although the adapter, following all of them with one subspace,
+learns only what they share. The `coherent` spectrum keeps what the batches agree on: with S = Σ_b G_b over B
+batches, S Sᵀ − Σ_b G_b G_bᵀ = Σ_{b≠c} G_b G_cᵀ holds only cross-batch products, so its eigenvalues divided by
+B(B−1) estimate the spectrum of the expected gradient E[G] E[G]ᵀ without the per-batch noise (an unbiased estimate
+of the matrix; its eigenvalues are clipped at 0). S is kept as a two-sided rank-k factor, O(k·(d_in + d_out)).
 """
 
 from __future__ import annotations
@@ -56,6 +63,24 @@ def _top_factor(stacked: torch.Tensor, rank: int) -> torch.Tensor:
     return (basis @ left[:, :rank]) * values[:rank]
 
 
+def _top_two_sided(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors (L, R) of the product left @ right, R with orthonormal rows (so (LR)(LR)ᵀ = L Lᵀ)."""
+    left_basis, left_triangle = torch.linalg.qr(left)
+    right_basis, right_triangle = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(left_triangle @ right_triangle.T)
+    return (left_basis @ u[:, :rank]) * s[:rank], vh[:rank] @ right_basis.T
+
+
+def _coherent_eigenvalues(sum_left: torch.Tensor, stacked: torch.Tensor, batches: int) -> torch.Tensor:
+    """Eigenvalues (descending, ≥ 0) of (S Sᵀ − C Cᵀ) / (B(B−1)) with S Sᵀ = L Lᵀ and C Cᵀ ≈ Σ_b G_b G_bᵀ, computed in
+    the span of [L | C]: one QR and a small symmetric eigenproblem."""
+    width = sum_left.shape[1]
+    _, triangle = torch.linalg.qr(torch.cat([sum_left, stacked], dim=1))
+    ours, theirs = triangle[:, :width], triangle[:, width:]
+    values = torch.linalg.eigvalsh(ours @ ours.T - theirs @ theirs.T).flip(0)
+    return values.clamp(min=0.0)[: stacked.shape[1]] / (batches * (batches - 1))
+
+
 class StackedGradientSketch:
     """A streaming rank-k factor of a module's gradients G_b = Δ_bᵀ X_b, fed with (inputs, output grads) per batch:
     an output-side factor C (d_out x k) with C Cᵀ ≈ Σ_b G_b G_bᵀ. Neither G_b nor any d_out x d_in matrix is ever
@@ -72,13 +97,16 @@ class StackedGradientSketch:
 
     MERGE_EVERY = 2  # factors held before a merge: the running one and the new batch's
 
-    def __init__(self, d_in: int, rank: int, seed: int) -> None:
+    def __init__(self, d_in: int, rank: int, seed: int, coherent: bool = False) -> None:
         self.rank = rank
         self.d_in = d_in
         self.generator = torch.Generator().manual_seed(seed)
         self.output_parts: list[torch.Tensor] = []
         self.total_energy = 0.0
         self.seconds = 0.0
+        self.coherent = coherent
+        self.batches = 0
+        self.sum_factors: tuple[torch.Tensor, torch.Tensor] | None = None  # S = Σ_b G_b ≈ L @ R (coherent only)
 
     @torch.no_grad()
     def update(self, inputs: torch.Tensor, grads: torch.Tensor) -> None:
@@ -96,7 +124,16 @@ class StackedGradientSketch:
         self.output_parts.append((basis @ u) * s)
         if len(self.output_parts) >= self.MERGE_EVERY:
             self._compress()
+        if self.coherent:
+            self._add_to_sum([basis], [small])
+        self.batches += 1
         self.seconds += time.perf_counter() - started
+
+    def _add_to_sum(self, lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> None:
+        """S += Σ_i lefts[i] @ rights[i], truncated back to `rank` columns."""
+        if self.sum_factors is not None:
+            lefts, rights = [self.sum_factors[0], *lefts], [self.sum_factors[1], *rights]
+        self.sum_factors = _top_two_sided(torch.cat(lefts, dim=1), torch.cat(rights, dim=0), self.rank)
 
     def synchronize(self) -> None:
         """Across processes (each saw its own batches): merge everyone's factors, sum the energies. Every process
@@ -108,9 +145,17 @@ class StackedGradientSketch:
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, mine)
         self.output_parts = [_top_factor(torch.cat(everyone, dim=1), self.rank)]
-        energy = torch.tensor([self.total_energy], dtype=torch.float64)
-        dist.all_reduce(energy)
-        self.total_energy = float(energy)
+        totals = torch.tensor([self.total_energy, self.batches], dtype=torch.float64)
+        dist.all_reduce(totals)
+        self.total_energy, self.batches = float(totals[0]), int(totals[1])
+        if self.coherent:
+            left, right = (part.contiguous() for part in self.sum_factors)
+            lefts = [torch.empty_like(left) for _ in everyone]
+            rights = [torch.empty_like(right) for _ in everyone]
+            dist.all_gather(lefts, left)
+            dist.all_gather(rights, right)
+            self.sum_factors = None
+            self._add_to_sum(lefts, rights)
 
     def state_dict(self) -> dict:
         return {
@@ -118,12 +163,15 @@ class StackedGradientSketch:
             "total_energy": self.total_energy,
             "seconds": self.seconds,
             "generator": self.generator.get_state(),
+            "batches": self.batches,
+            "sum_factors": self.sum_factors,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.output_parts = list(state["output_parts"])
         self.total_energy, self.seconds = state["total_energy"], state["seconds"]
         self.generator.set_state(state["generator"])
+        self.batches, self.sum_factors = state.get("batches", 0), state.get("sum_factors")
 
     def _compress(self) -> None:
         self.output_parts = [_top_factor(torch.cat(self.output_parts, dim=1), self.rank)]
@@ -132,6 +180,11 @@ class StackedGradientSketch:
         if not self.output_parts:
             raise RuntimeError("no calibration batch reached this module")
         self._compress()
+        if self.coherent:
+            if self.batches < 2:
+                raise RuntimeError("a coherent spectrum needs the gradients of at least two batches")
+            values = _coherent_eigenvalues(self.sum_factors[0].double(), self.output_parts[0].double(), self.batches)
+            return ModuleSpectrum(values.sqrt().cpu().numpy(), float(values.sum()))
         sigma = torch.linalg.svdvals(self.output_parts[0].double()).cpu().numpy()
         return ModuleSpectrum(sigma, max(self.total_energy, float((sigma**2).sum())))
 
@@ -143,10 +196,14 @@ class SketchHooks:
     model where the input embeddings are made the only leaf that requires grad.
     """
 
-    def __init__(self, model: nn.Module, targets: list[Target], rank: int, seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, targets: list[Target], rank: int, seed: int = 0, spectrum: str = "stacked"
+    ) -> None:
         # never more columns than the module has directions: its spectrum has at most min(d_in, d_out) values
+        coherent = spectrum == "coherent"
         self.sketches = {
-            t.name: StackedGradientSketch(t.d_in, min(rank, t.width), seed + i) for i, t in enumerate(targets)
+            t.name: StackedGradientSketch(t.d_in, min(rank, t.width), seed + i, coherent)
+            for i, t in enumerate(targets)
         }
         self.handles = [model.get_submodule(t.name).register_forward_hook(self._hook(t.name)) for t in targets]
 
@@ -193,6 +250,7 @@ def gradient_spectra(
     seed: int = 0,
     show_progress: bool = True,
     loss_fn: LossFn = answer_loss,
+    spectrum: str = "stacked",
 ) -> tuple[dict[str, ModuleSpectrum], float]:
     """Spectra of every target's calibration gradients (top `rank` values), and the seconds it took. The gradients
     are those of `loss_fn` (training's loss by default; `benchmarks/signal_weighting.py` compares another weighting).
@@ -208,7 +266,7 @@ def gradient_spectra(
         embedded.append(output)
         return output
 
-    hooks = SketchHooks(model, targets, rank, seed)
+    hooks = SketchHooks(model, targets, rank, seed, spectrum)
     embedding_hook = model.get_input_embeddings().register_forward_hook(track_embeddings)
     was_training = model.training
     model.eval()  # no dropout: measure the model as it is
