@@ -26,9 +26,12 @@ from .rank.budget import Allocation, Budget, Target
 from .rank.lora import ADAPTER, lora_layers, lora_patterns
 from .rank.plan import initial_allocation, make_budget
 from .rank.resize import apply_allocation
+from .rank.scheduler import HydraScheduler
 from .utils import unwrap_optimizer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .config import AdapterConfig, RunConfig
     from .rank.signals import ModuleSpectrum
 
@@ -44,6 +47,26 @@ class Adapted:
     hook: Any = None  # an extra loop hook (AdaLoRA's schedule)
     loss_fn: Callable = answer_loss
     used_params: Callable[[nn.Module], int] | None = None  # parameters in use when there is no allocation to count
+
+    def scheduler(
+        self, model: PeftModel, targets: list[Target], config: RunConfig, total_steps: int, history: Path | None
+    ) -> HydraScheduler:
+        """The HyDRA scheduler that moves this adapter's ranks during a run of `config` (the training loop's and the
+        HF Trainer callback's; `model` is the PEFT model itself, unwrapped from any DDP/FSDP wrapper)."""
+        return HydraScheduler(
+            model,
+            targets,
+            self.budget,
+            self.allocation,
+            config.schedule,
+            total_steps,
+            mode=config.adapter.spec.mode,
+            spectrum=config.adapter.spectrum,
+            seed=config.train.seed,
+            history_path=history,
+            initial_spectra=self.spectra,
+            debug_checks=config.train.debug_checks,
+        )
 
 
 def adapt(

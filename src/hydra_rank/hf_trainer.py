@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -45,9 +45,11 @@ from .methods import METHODS
 from .rank.budget import Target, discover_targets
 from .rank.lora import strip_empty
 from .rank.plan import calibration_batch_count, calibration_indices
-from .rank.scheduler import HydraScheduler
 from .report import save_allocation
 from .utils import unwrap_optimizer
+
+if TYPE_CHECKING:
+    from .rank.scheduler import HydraScheduler
 
 TRAINER_METHODS = tuple(name for name, method in METHODS.items() if method.in_trainer)
 
@@ -95,20 +97,8 @@ class HydraCallback(TrainerCallback):
                 f"got {type(schedule).__name__}; use any lr_scheduler_type except reduce_lr_on_plateau"
             )
         self.shape, self.base_lr = schedule.lr_lambdas[0], schedule.base_lrs[0]
-        self.scheduler = HydraScheduler(
-            model,
-            self.targets,
-            self.adapted.budget,
-            self.adapted.allocation,
-            self.config.schedule,
-            state.max_steps,
-            mode=self.config.adapter.spec.mode,
-            spectrum=self.config.adapter.spectrum,
-            seed=self.config.train.seed,
-            history_path=None if self.history_dir is None else self.history_dir / "allocation_history.jsonl",
-            initial_spectra=self.adapted.spectra,
-            debug_checks=self.config.train.debug_checks,
-        )
+        history = None if self.history_dir is None else self.history_dir / "allocation_history.jsonl"
+        self.scheduler = self.adapted.scheduler(model, self.targets, self.config, state.max_steps, history)
         self.scheduler.bind(optimizer)
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -49,7 +49,6 @@ from .inputs import RunInputs, load_inputs
 from .loop import NonFiniteLoss, StepHooks, WarmupCosine, batches_forever, optimize
 from .rank.lora import strip_empty
 from .rank.plan import calibration_batch_count, calibration_batches
-from .rank.scheduler import HydraScheduler
 from .report import save_allocation, write_report
 from .shard import check_launcher, local_frozen_params, shard_frozen_base
 from .utils import (
@@ -65,6 +64,7 @@ from .utils import (
 if TYPE_CHECKING:
     from .config import RunConfig
     from .rank.budget import Allocation
+    from .rank.scheduler import HydraScheduler
 
 
 @dataclass
@@ -333,21 +333,10 @@ def step_hooks(session: Session) -> Hooks:
 
 
 def _scheduler(session: Session) -> HydraScheduler:
-    t, main = session.config.train, session.accelerator.is_main_process
-    return HydraScheduler(
-        session.accelerator.unwrap_model(session.model),
-        session.inputs.targets,
-        session.adapted.budget,
-        session.adapted.allocation,
-        session.config.schedule,
-        t.max_steps,
-        mode=session.config.adapter.spec.mode,
-        spectrum=session.config.adapter.spectrum,
-        seed=t.seed,
-        history_path=session.out / "allocation_history.jsonl" if main else None,
-        initial_spectra=session.adapted.spectra,
-        debug_checks=t.debug_checks,
-    )
+    history = session.out / "allocation_history.jsonl" if session.accelerator.is_main_process else None
+    model = session.accelerator.unwrap_model(session.model)
+    config = session.config
+    return session.adapted.scheduler(model, session.inputs.targets, config, config.train.max_steps, history)
 
 
 class StepLogger:
