@@ -167,3 +167,29 @@ def test_hooks_let_go_of_the_inputs_once_sketched(tokenizer, colour_dataset):
         handle.remove()
     hooks.remove()
     assert loss.grad_fn is not None  # the graph was held throughout
+
+
+def _synchronized_spectrum(rank: int, init_file: str, results: str) -> None:
+    """One of two processes: half the batches each, then `synchronize`; writes its spectrum."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        pairs = list(low_rank_batches(np.random.default_rng(3), batches=4, noise=0.5))
+        sketch = StackedGradientSketch(d_in=30, rank=20, seed=rank, coherent=True)
+        for x, d in pairs[rank::2]:
+            sketch.update(x, d)
+        sketch.synchronize()
+        np.save(f"{results}-{rank}.npy", sketch.result().sigma)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_coherent_spectrum_is_the_same_across_processes_as_in_one(tmp_path):
+    """Two processes that each saw half of the batches end with the coherent spectrum of all of them."""
+    torch.multiprocessing.spawn(
+        _synchronized_spectrum, args=(str(tmp_path / "init"), str(tmp_path / "sigma")), nprocs=2, join=True
+    )
+    alone = StackedGradientSketch(d_in=30, rank=20, seed=0, coherent=True)
+    for x, d in list(low_rank_batches(np.random.default_rng(3), batches=4, noise=0.5)):
+        alone.update(x, d)
+    for rank in (0, 1):
+        np.testing.assert_allclose(np.load(tmp_path / f"sigma-{rank}.npy"), alone.result().sigma, rtol=1e-3, atol=1e-3)
