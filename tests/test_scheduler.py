@@ -177,12 +177,14 @@ def test_hydra_run_report_shows_the_allocation_story(hydra_runs):
         assert png in page and (result.output_dir / png).stat().st_size > 5_000, png
 
 
-def test_coherent_spectrum_run_keeps_the_budget_and_says_what_it_measured(tiny_llava_dir, tmp_path):
-    """`adapter.spectrum: coherent` drives both the calibrated start and every decision's sketch."""
+def test_coherent_spectrum_run_keeps_the_budget_and_resumes_exactly(tiny_llava_dir, tmp_path):
+    """`adapter.spectrum: coherent` drives both the calibrated start and every decision's sketch; a checkpoint taken
+    while a sketch is open (step 5, before the decision at 6) carries its running sum, so the resumed run decides and
+    trains exactly as the uninterrupted one."""
     from .conftest import write_colour_dataset
 
     dataset = write_colour_dataset(tmp_path / "data", count=16)
-    config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True)
+    config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True, checkpoint_every=5)
     config.adapter.method, config.adapter.max_rank, config.adapter.spectrum = "hydra", 6, "coherent"
     config.adapter.calibration_batches = 2
     config.schedule = ScheduleConfig(init="calibrated", warmup_fraction=0.25, interval_fraction=0.25, signal_steps=2)
@@ -192,3 +194,8 @@ def test_coherent_spectrum_run_keeps_the_budget_and_says_what_it_measured(tiny_l
     assert all(entry["used_params"] <= result.metrics["budget_params"] for entry in history)
     start = Allocation.load(result.output_dir / "allocation_start.json")
     assert start.info["signal"].startswith("coherent") and len(set(start.ranks.values())) > 1
+    losses = [record["loss"] for record in read_jsonl(result.output_dir / "log.jsonl")]
+    resumed = run(config, resume=True, show_progress=False)
+    assert resumed.metrics["resumed_from_step"] == 5
+    assert [record["loss"] for record in read_jsonl(resumed.output_dir / "log.jsonl")] == losses
+    assert read_jsonl(resumed.output_dir / "allocation_history.jsonl")[-1]["ranks"] == history[-1]["ranks"]
