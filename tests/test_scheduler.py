@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from peft import PeftModel
 
 from hydra_rank.config import ScheduleConfig
+from hydra_rank.errors import ConfigError
 from hydra_rank.inputs import load_model
 from hydra_rank.rank.allocate import allocate, move_towards
 from hydra_rank.rank.budget import Allocation, Budget, discover_targets, uniform_budget
@@ -199,3 +200,17 @@ def test_coherent_spectrum_run_keeps_the_budget_and_resumes_exactly(tiny_llava_d
     assert resumed.metrics["resumed_from_step"] == 5
     assert [record["loss"] for record in read_jsonl(resumed.output_dir / "log.jsonl")] == losses
     assert read_jsonl(resumed.output_dir / "allocation_history.jsonl")[-1]["ranks"] == history[-1]["ranks"]
+
+
+def test_coherent_spectrum_refuses_decisions_one_step_apart(tiny_llava_dir, tmp_path):
+    """A coherent spectrum needs two sketched steps per decision: a schedule that gives one is refused before any
+    training, with what to change."""
+    from .conftest import write_colour_dataset
+
+    dataset = write_colour_dataset(tmp_path / "data", count=16)
+    config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8)
+    config.adapter.method, config.adapter.spectrum = "hydra", "coherent"
+    config.schedule = ScheduleConfig(warmup_fraction=0.1, interval_fraction=0.1)
+    with pytest.raises(ConfigError, match=r"sees only one: raise train.max_steps"):
+        run(config, show_progress=False)
+    assert not (tmp_path / "run" / "log.jsonl").exists()

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 
-from ..errors import InvariantError
+from ..errors import ConfigError, InvariantError
 from ..utils import JsonlWriter, unwrap_optimizer
 from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
@@ -91,6 +91,13 @@ class HydraScheduler:
         self.allocation = allocation
         self.mode, self.spectrum, self.seed, self.debug_checks = mode, spectrum, seed, debug_checks
         self.decisions = decision_steps(total_steps, config)
+        sketched = min([config.signal_steps, *np.diff([0, *self.decisions])])  # steps a decision's sketch can see
+        if spectrum == "coherent" and sketched < 2:
+            raise ConfigError(
+                f"adapter.spectrum coherent compares the sketched steps' gradients with each other, but with "
+                f"{total_steps} training steps a decision (at steps {self.decisions}) sees only one: raise "
+                "train.max_steps or schedule.warmup_fraction / interval_fraction, or use adapter.spectrum stacked"
+            )
         self.perf_model = PerfModel(targets)
         self.layers = lora_layers(model)
         self.names = [t.name for t in targets]
