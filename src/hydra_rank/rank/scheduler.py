@@ -91,8 +91,8 @@ class HydraScheduler:
         self.allocation = allocation
         self.mode, self.spectrum, self.seed, self.debug_checks = mode, spectrum, seed, debug_checks
         self.decisions = decision_steps(total_steps, config)
-        sketched = min([config.signal_steps, *np.diff([0, *self.decisions])])  # steps a decision's sketch can see
-        if spectrum == "coherent" and sketched < 2:
+        # a decision's sketch sees at most signal_steps steps, and no more than lie since the previous decision
+        if spectrum == "coherent" and min([config.signal_steps, *np.diff([0, *self.decisions])]) < 2:
             raise ConfigError(
                 f"adapter.spectrum coherent compares the sketched steps' gradients with each other, but with "
                 f"{total_steps} training steps a decision (at steps {self.decisions}) sees only one: raise "
