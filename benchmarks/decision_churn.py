@@ -5,7 +5,11 @@ rank from modules that were doing little and give it to modules that were doing 
 decision, the percentile (among all modules, 0 = least, 1 = most) of the loss decrease it realised in the interval
 before, per unit of the rank it had; shrunk modules well below 0.5 and grown ones well above say the decision
 follows realised value. (2) How often is a move undone: of the modules moved at one decision, the share moved the
-other way at the next one.
+other way at the next one. (3) Does a module realise more when it holds more rank? The within-module elasticity of
+the realised gain with respect to rank: log gain regressed on log rank over all intervals after the first
+allocation, with a fixed effect per module (its level) and per interval (gains shrink as training goes on), so only
+a module's own rank changes count. The performance model assumes a response near its energy weight times the slope
+of the module's energy curve; about 0 says a module's gain in the next interval does not follow its rank.
 
     .venv/bin/python benchmarks/decision_churn.py benchmarks/results/text-tasks-r2 benchmarks/results/scenes-r4 ...
 
@@ -43,6 +47,33 @@ def churn(entries: list[dict]) -> dict[str, list[float] | int]:
     return {"shrunk": shrunk, "grown": grown, "moved": moved, "reversed": reversed_}
 
 
+def rank_response(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(log rank, log realised gain) per interval x module, both with module and interval means removed (two-way
+    fixed effects); NaN where a module had rank 0. Gains are floored as the performance model floors them."""
+    names = list(entries[0]["ranks"])
+    logs, gains = [], []
+    for previous, current in itertools.pairwise(entries):
+        ranks = np.array([previous["ranks"][name] for name in names], dtype=np.float64)
+        realised = np.array(current["per_module"]["realised"])
+        floor = max(1e-12, 1e-3 * float(np.median(np.abs(realised))))
+        logs.append(np.where(ranks > 0, np.log(np.maximum(ranks, 1)), np.nan))
+        gains.append(np.where(ranks > 0, np.log(np.maximum(realised, floor)), np.nan))
+    x, y = np.array(logs), np.array(gains)
+    for _ in range(100):  # alternating projections converge to the two-way demeaned values
+        for a in (x, y):
+            a -= np.nanmean(a, axis=1, keepdims=True)
+            a -= np.nanmean(a, axis=0, keepdims=True)
+    return x, y
+
+
+def elasticity(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The pooled least-squares slope of demeaned log gain on demeaned log rank."""
+    x = np.concatenate([p[0].ravel() for p in pairs])
+    y = np.concatenate([p[1].ravel() for p in pairs])
+    keep = np.isfinite(x) & np.isfinite(y)
+    return float((x[keep] * y[keep]).sum() / (x[keep] ** 2).sum())
+
+
 def cell_row(cell: Path) -> dict:
     """One benchmark cell (committed: runs/hydra-seed<k>/; a bench's own output: hydra-seed<k>/): every HyDRA test
     seed's history pooled."""
@@ -50,7 +81,9 @@ def cell_row(cell: Path) -> dict:
     runs = sorted([*cell.glob(f"runs/{pattern}"), *cell.glob(pattern)])
     if not runs:
         raise SystemExit(f"{cell}: no [runs/]{pattern} (is it a bench folder?)")
-    parts = [churn(read_jsonl(path)) for path in runs]
+    histories = [read_jsonl(path) for path in runs]
+    parts = [churn(history) for history in histories]
+    responses = [rank_response(history) for history in histories]
     shrunk = [p for part in parts for p in part["shrunk"]]
     grown = [p for part in parts for p in part["grown"]]
     moved = sum(part["moved"] for part in parts)
@@ -63,6 +96,8 @@ def cell_row(cell: Path) -> dict:
         "grown_percentile": float(np.mean(grown)),
         "grown_moves": len(grown),
         "reversal_share": reversed_ / max(moved, 1),
+        "rank_elasticity": elasticity(responses),
+        "rank_elasticity_per_seed": [elasticity([response]) for response in responses],
     }
 
 
@@ -74,12 +109,17 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/decision-churn"))
     args = parser.parse_args()
     rows = [cell_row(cell) for cell in args.cells]
-    print("| cell | seeds | shrunk: realised percentile (moves) | grown: realised percentile (moves) | undone next |")
-    print("|---|---|---|---|---|")
+    print(
+        "| cell | seeds | shrunk: realised percentile (moves) | grown: realised percentile (moves) | undone next "
+        "| gain elasticity to rank (per seed) |"
+    )
+    print("|---|---|---|---|---|---|")
     for row in rows:
+        seeds = ", ".join(f"{e:+.2f}" for e in row["rank_elasticity_per_seed"])
         print(
             f"| {row['cell']} | {row['seeds']} | {row['shrunk_percentile']:.2f} ({row['shrunk_moves']}) | "
-            f"{row['grown_percentile']:.2f} ({row['grown_moves']}) | {row['reversal_share']:.2f} |"
+            f"{row['grown_percentile']:.2f} ({row['grown_moves']}) | {row['reversal_share']:.2f} "
+            f"| {row['rank_elasticity']:+.2f} ({seeds}) |"
         )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "decision_churn.json").write_text(json.dumps(rows, indent=2) + "\n")

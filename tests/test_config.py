@@ -67,6 +67,7 @@ def test_ints_are_accepted_as_floats():
         ({}, ["model.dtype=int8"], "model.dtype must be one of"),
         ({}, ["adapter.rank_scale=linear"], "adapter.rank_scale must be one of ('fixed', 'sqrt')"),
         ({}, ["adapter.spectrum=mean"], "adapter.spectrum must be one of ('stacked', 'coherent')"),
+        ({}, ["schedule.attribution=held-out"], "schedule.attribution must be one of ('optimizer', 'probe')"),
         ({}, ["adapter.spectrum=coherent", "schedule.signal_steps=1"], "schedule.signal_steps must be at least 2"),
         ({}, ["adapter.target_modules=[]"], "adapter.target_modules is empty"),
         ({"adapter": {"dropout": True}}, [], "adapter.dropout: expected float"),

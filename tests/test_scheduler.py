@@ -214,3 +214,29 @@ def test_coherent_spectrum_refuses_decisions_one_step_apart(tiny_llava_dir, tmp_
     with pytest.raises(ConfigError, match=r"sees only one: raise train.max_steps"):
         run(config, show_progress=False)
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_probe_attribution_run_keeps_the_budget_and_resumes_exactly(tiny_llava_dir, tmp_path):
+    """`schedule.attribution: probe` scores every interval on a fresh training batch at its end; a checkpoint taken
+    inside an interval (step 5, decisions at 2, 4, 6) carries the interval's start factors, so the resumed run
+    measures, decides and trains exactly as the uninterrupted one."""
+    from .conftest import write_colour_dataset
+
+    dataset = write_colour_dataset(tmp_path / "data", count=16)
+    config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True, checkpoint_every=5)
+    config.adapter.method, config.adapter.max_rank = "hydra", 6
+    config.schedule = ScheduleConfig(warmup_fraction=0.25, interval_fraction=0.25, attribution="probe")
+    result = run(config, show_progress=False)
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert [entry["step"] for entry in history] == [2, 4, 6]
+    assert all(entry["used_params"] <= result.metrics["budget_params"] for entry in history)
+    assert history[0]["fitted_on_warmup"] and all("spearman" in entry for entry in history[1:])
+    assert len({tuple(entry["ranks"].values()) for entry in history}) > 1  # the probe's gains moved rank
+    assert result.metrics["attribution_time_s"] > 0
+    losses = [record["loss"] for record in read_jsonl(result.output_dir / "log.jsonl")]
+    resumed = run(config, resume=True, show_progress=False)
+    assert resumed.metrics["resumed_from_step"] == 5
+    assert [record["loss"] for record in read_jsonl(resumed.output_dir / "log.jsonl")] == losses
+    again = read_jsonl(resumed.output_dir / "allocation_history.jsonl")
+    assert again[-1]["ranks"] == history[-1]["ranks"]
+    assert again[-1]["per_module"]["realised"] == history[-1]["per_module"]["realised"]

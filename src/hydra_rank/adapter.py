@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .config import AdapterConfig, RunConfig
+    from .rank.probe import ProbeSource
     from .rank.signals import ModuleSpectrum
 
 
@@ -49,10 +50,17 @@ class Adapted:
     used_params: Callable[[nn.Module], int] | None = None  # parameters in use when there is no allocation to count
 
     def scheduler(
-        self, model: PeftModel, targets: list[Target], config: RunConfig, total_steps: int, history: Path | None
+        self,
+        model: PeftModel,
+        targets: list[Target],
+        config: RunConfig,
+        total_steps: int,
+        history: Path | None,
+        probe: ProbeSource | None = None,
     ) -> HydraScheduler:
         """The HyDRA scheduler that moves this adapter's ranks during a run of `config` (the training loop's and the
-        HF Trainer callback's; `model` is the PEFT model itself, unwrapped from any DDP/FSDP wrapper)."""
+        HF Trainer callback's; `model` is the PEFT model itself, unwrapped from any DDP/FSDP wrapper). `probe` gives
+        the probe batch of a decision (`schedule.attribution` probe)."""
         return HydraScheduler(
             model,
             targets,
@@ -66,6 +74,7 @@ class Adapted:
             history_path=history,
             initial_spectra=self.spectra,
             debug_checks=config.train.debug_checks,
+            probe=None if probe is None else (probe, self.loss_fn),
         )
 
 

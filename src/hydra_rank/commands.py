@@ -12,7 +12,7 @@ from .evaluate import evaluate_configured
 from .inputs import load_inputs
 from .methods import DEFAULT_METHOD, METHODS
 from .models.loading import load_adapter
-from .rank.plan import calibrated_allocation, calibration_batches, make_budget
+from .rank.plan import calibrated_allocation, calibration_batches, make_budget, sample_batches
 from .report import save_allocation
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ def allocate_for_config(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t, targets = config.train, inputs.targets
     count = config.adapter.calibration_batches
-    batches = calibration_batches(inputs.train_samples, inputs.encoder, t.batch_size, count, t.seed, device)
+    make = sample_batches(inputs.train_samples, inputs.encoder, device)
+    batches = calibration_batches(make, len(inputs.train_samples), t.batch_size, count, t.seed)
     budget = make_budget(config.adapter, targets, method)
     model = inputs.model.to(device)
     allocation, _ = calibrated_allocation(

@@ -35,6 +35,7 @@ EVAL_SPLITS = ("test", "validation")
 SCHEDULE_INITS = ("warmup", "calibrated")
 RANK_SCALES = ("fixed", "sqrt")
 SPECTRA = ("stacked", "coherent")  # what utility curves measure (`rank/signals.py`)
+ATTRIBUTIONS = ("optimizer", "probe")  # what the performance model learns from (`rank/scheduler.py`, `rank/probe.py`)
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -116,6 +117,9 @@ class ScheduleConfig:
     margin: float = 0.2  # a rank moves only if the receiver's predicted gain/param beats the giver's loss by 1 + this
     signal_steps: int = 3  # steps before each decision whose gradients are sketched (more: less noisy spectra)
     resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
+    # what the performance model learns from: optimizer (each step's −⟨grad, update⟩ on the batch it trained on) |
+    # probe (each interval's change of the loss on a training batch drawn afresh at the decision; rank/probe.py)
+    attribution: str = "optimizer"
 
 
 @dataclass
@@ -305,6 +309,9 @@ def validate(config: RunConfig) -> RunConfig:
         _require(0 < getattr(sc, key) <= 1, f"schedule.{key} must be in (0, 1], got {getattr(sc, key)}")
     _require(sc.warmup_fraction <= sc.freeze_fraction, "schedule.warmup_fraction must not exceed freeze_fraction")
     _require(sc.margin >= 0, f"schedule.margin must be >= 0, got {sc.margin}")
+    _require(
+        sc.attribution in ATTRIBUTIONS, f"schedule.attribution must be one of {ATTRIBUTIONS}, got {sc.attribution!r}"
+    )
     _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
     _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")
     for key in ("max_steps", "batch_size", "grad_accum"):

@@ -44,11 +44,13 @@ from .loop import rebind_optimizer, rewrap
 from .methods import METHODS
 from .rank.budget import Target, discover_targets
 from .rank.lora import strip_empty
-from .rank.plan import calibration_batch_count, calibration_indices
+from .rank.plan import calibration_batch_count, calibration_batches, probe_source
 from .report import save_allocation
 from .utils import unwrap_optimizer
 
 if TYPE_CHECKING:
+    from .rank.plan import BatchMaker
+    from .rank.probe import ProbeSource
     from .rank.scheduler import HydraScheduler
 
 TRAINER_METHODS = tuple(name for name, method in METHODS.items() if method.in_trainer)
@@ -72,9 +74,16 @@ class HydraCallback(TrainerCallback):
     """Runs the HyDRA scheduler inside `Trainer.train` (added by `HydraTrainer`; see the module docstring)."""
 
     def __init__(
-        self, config: RunConfig, adapted: Adapted, targets: list[Target], history_dir: Path | None, trainer: Trainer
+        self,
+        config: RunConfig,
+        adapted: Adapted,
+        targets: list[Target],
+        history_dir: Path | None,
+        trainer: Trainer,
+        probe: ProbeSource | None = None,
     ) -> None:
         self.config, self.adapted, self.targets, self.history_dir = config, adapted, targets, history_dir
+        self.probe = probe
         self.trainer = trainer  # whose DDP wrapper (`model_wrapped`) is rebuilt after a resize
         self.scheduler: HydraScheduler | None = None
         self.step_loss = 0.0
@@ -98,7 +107,7 @@ class HydraCallback(TrainerCallback):
             )
         self.shape, self.base_lr = schedule.lr_lambdas[0], schedule.base_lrs[0]
         history = None if self.history_dir is None else self.history_dir / "allocation_history.jsonl"
-        self.scheduler = self.adapted.scheduler(model, self.targets, self.config, state.max_steps, history)
+        self.scheduler = self.adapted.scheduler(model, self.targets, self.config, state.max_steps, history, self.probe)
         self.scheduler.bind(optimizer)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -171,30 +180,41 @@ class HydraTrainerMixin:
         )
         targets = discover_targets(self.model, adapter.target_modules, adapter.towers)
         batches = self._calibration_batches(calibration_batch_count(self.hydra_config))
+        probe = self._probe_source() if self.hydra_config.schedule.attribution == "probe" else None
         adapted = adapt(self.hydra_config, self.model, targets, batches, show_progress=False)
         self.model = self.model_wrapped = adapted.model
         history_dir = Path(training.output_dir) if self.is_world_process_zero() else None
         if history_dir is not None:
             history_dir.mkdir(parents=True, exist_ok=True)
-        self.hydra = HydraCallback(self.hydra_config, adapted, targets, history_dir, self)
+        self.hydra = HydraCallback(self.hydra_config, adapted, targets, history_dir, self, probe)
         self.add_callback(self.hydra)
 
-    def _calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
-        """The built-in loop's calibration batches: the same seeded indices, through this trainer's collator."""
-        if count == 0:
-            return []
+    def _batch_maker(self, needs: str) -> BatchMaker:
+        """Training samples by index through this trainer's collator, on its device (the built-in loop's batches are
+        drawn by the same seeded indices)."""
         if self.train_dataset is None or self.data_collator is None:
             raise ConfigError(
-                f"method {self.hydra_config.adapter.method} calibrates on training batches: pass "
-                f"train_dataset (and data_collator) to the trainer"
+                f"method {self.hydra_config.adapter.method} {needs}: pass train_dataset (and data_collator) to the "
+                "trainer"
             )
-        batches = []
-        for indices in calibration_indices(
-            len(self.train_dataset), self.args.per_device_train_batch_size, count, self.args.seed
-        ):
+
+        def make(indices: list[int]) -> dict[str, torch.Tensor]:
             batch = self.data_collator([self.train_dataset[i] for i in indices])
-            batches.append({key: value.to(self.args.device) for key, value in batch.items()})
-        return batches
+            return {key: value.to(self.args.device) for key, value in batch.items()}
+
+        return make
+
+    def _calibration_batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        if count == 0:
+            return []
+        make = self._batch_maker("calibrates on training batches")
+        return calibration_batches(
+            make, len(self.train_dataset), self.args.per_device_train_batch_size, count, self.args.seed
+        )
+
+    def _probe_source(self) -> ProbeSource:
+        make = self._batch_maker("with schedule.attribution probe scores intervals on training batches")
+        return probe_source(make, len(self.train_dataset), self.args.per_device_train_batch_size, self.args.seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if isinstance(model, DistributedDataParallel) and model is not self.model_wrapped:  # rebuilt after a resize

@@ -48,7 +48,7 @@ from .evaluate import evaluate_configured, mean_answer_loss
 from .inputs import RunInputs, load_inputs
 from .loop import NonFiniteLoss, StepHooks, WarmupCosine, batches_forever, optimize
 from .rank.lora import strip_empty
-from .rank.plan import calibration_batch_count, calibration_batches
+from .rank.plan import calibration_batch_count, calibration_batches, probe_source, sample_batches
 from .report import save_allocation, write_report
 from .shard import check_launcher, local_frozen_params, shard_frozen_base
 from .utils import (
@@ -251,9 +251,8 @@ def _fresh_start(
     """Calibrate if the method needs it, adapt, and a new AdamW; a dynamic method's starting ranks are saved."""
     t = config.train
     count = calibration_batch_count(config)
-    batches = calibration_batches(
-        inputs.train_samples, inputs.encoder, t.batch_size, count, t.seed, accelerator.device
-    )
+    make = sample_batches(inputs.train_samples, inputs.encoder, accelerator.device)
+    batches = calibration_batches(make, len(inputs.train_samples), t.batch_size, count, t.seed)
     adapted = adapt(config, inputs.model, inputs.targets, batches, show)
     trainable = [p for p in adapted.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
@@ -335,8 +334,10 @@ def step_hooks(session: Session) -> Hooks:
 def _scheduler(session: Session) -> HydraScheduler:
     history = session.out / "allocation_history.jsonl" if session.accelerator.is_main_process else None
     model = session.accelerator.unwrap_model(session.model)
-    config = session.config
-    return session.adapted.scheduler(model, session.inputs.targets, config, config.train.max_steps, history)
+    config, inputs = session.config, session.inputs
+    make = sample_batches(inputs.train_samples, inputs.encoder, session.accelerator.device)
+    probe = probe_source(make, len(inputs.train_samples), config.train.batch_size, config.train.seed)
+    return session.adapted.scheduler(model, inputs.targets, config, config.train.max_steps, history, probe)
 
 
 class StepLogger:

@@ -19,10 +19,16 @@ from .budget import Allocation, Budget, Target, uniform_budget
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, gradient_spectra
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..config import AdapterConfig, RunConfig
     from ..data.encode import ChatEncoder
     from ..data.sample import Sample
     from ..loss import LossFn
+    from .probe import ProbeSource
+
+    Batch = dict[str, torch.Tensor]
+    BatchMaker = Callable[[list[int]], Batch]  # training samples by index -> one batch on the run's device
 
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -139,15 +145,28 @@ def saved_allocation(path: str, targets: list[Target], budget: Budget) -> Alloca
     return allocation
 
 
-def calibration_batches(
-    samples: list[Sample], encoder: ChatEncoder, batch_size: int, count: int, seed: int, device: torch.device
-) -> list[dict[str, torch.Tensor]]:
-    """`count` training batches drawn with their own seed, for the gradient statistics behind the allocation."""
-    batches = []
-    for indices in calibration_indices(len(samples), batch_size, count, seed):
+def sample_batches(samples: list[Sample], encoder: ChatEncoder, device: torch.device) -> BatchMaker:
+    """The built-in loop's batch maker: training samples by index, encoded and collated on `device`."""
+
+    def make(indices: list[int]) -> dict[str, torch.Tensor]:
         batch = collate([encoder.encode(samples[i]) for i in indices], encoder.pad_token_id)
-        batches.append({key: value.to(device) for key, value in batch.items()})
-    return batches
+        return {key: value.to(device) for key, value in batch.items()}
+
+    return make
+
+
+def calibration_batches(make: BatchMaker, size: int, batch_size: int, count: int, seed: int) -> list[Batch]:
+    """`count` batches of a `size`-sample training set drawn with their own seed, for the gradient statistics behind
+    the allocation."""
+    return [make(indices) for indices in calibration_indices(size, batch_size, count, seed)]
+
+
+def probe_source(make: BatchMaker, size: int, batch_size: int, seed: int) -> ProbeSource:
+    """The probe batches of `schedule.attribution` probe: at each decision `batch_size` training samples drawn
+    afresh, seeded by the run's seed and the step (a resumed run draws the same ones), independent of the training
+    order. An interval of a few steps trains on a small share of a dataset, so the probe is, all but a few samples,
+    data the interval did not train on."""
+    return lambda step: make(calibration_indices(size, batch_size, 1, seed * 100_003 + step)[0])
 
 
 def calibration_indices(size: int, batch_size: int, count: int, seed: int) -> list[list[int]]:

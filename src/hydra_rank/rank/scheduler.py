@@ -42,11 +42,14 @@ from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
 from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
+from .probe import IntervalProbe
 from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
 if TYPE_CHECKING:
     from ..config import ScheduleConfig
+    from ..loss import LossFn
+    from .probe import ProbeSource
 
 
 def _agree(allocation: Allocation) -> Allocation:
@@ -86,6 +89,7 @@ class HydraScheduler:
         history_path: Path | None = None,
         initial_spectra: dict[str, ModuleSpectrum] | None = None,
         debug_checks: bool = False,
+        probe: tuple[ProbeSource, LossFn] | None = None,
     ) -> None:
         self.model, self.targets, self.budget, self.config = model, targets, budget, config
         self.allocation = allocation
@@ -113,11 +117,19 @@ class HydraScheduler:
         self.spearmans: list[float] = []
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
+        if config.attribution == "probe" and probe is None:
+            raise ConfigError("schedule.attribution probe needs probe batches: pass `probe` to the scheduler")
+        self.probe_source = probe if config.attribution == "probe" else None
+        self.probe = IntervalProbe(self.layers, self.names) if self.probe_source else None
 
     # ---- attribution: what each module's updates removed from the loss -------------------------------------
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure every optimizer step's first-order loss change per module: −⟨grad, Δθ⟩ over its A and B."""
         self.optimizer = optimizer
+        if self.probe is not None:  # the probe measures each interval's gains itself, at its end
+            if not self.probe.start_factors:
+                self.probe.start()
+            return
         base = unwrap_optimizer(optimizer)
         base.register_step_pre_hook(self._before_step)
         base.register_step_post_hook(self._after_step)
@@ -185,6 +197,11 @@ class HydraScheduler:
         self.sketches = None
         curves = self._curves(spectra)
         entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
+        if self.probe is not None:
+            tick = time.perf_counter()
+            source, loss_fn = self.probe_source
+            self.realised = self.probe.gains(self.model, source(step), loss_fn)
+            self.seconds["attribution"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
         if self.pending is not None:
@@ -228,6 +245,8 @@ class HydraScheduler:
         tick = time.perf_counter()
         resized = apply_allocation(self.model, new, self.generator, self.optimizer)
         self.seconds["resize"] += time.perf_counter() - tick
+        if self.probe is not None:
+            self.probe.start()
 
         moved = new.moved_params(self.allocation, self.targets)
         self.allocation = new
@@ -263,6 +282,7 @@ class HydraScheduler:
             "seconds": dict(self.seconds),
             "generator": self.generator.get_state(),
             "sketches": None if self.sketches is None else self.sketches.state_dict(),
+            "probe_start": None if self.probe is None else self.probe.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -275,6 +295,8 @@ class HydraScheduler:
         self.spearmans = list(state["spearmans"])
         self.seconds = dict(state["seconds"])
         self.generator.set_state(state["generator"])
+        if self.probe is not None:
+            self.probe.load_state_dict(state["probe_start"])
         if state["sketches"] is not None:
             rank = self.budget.max_rank + SKETCH_OVERSAMPLING
             self.sketches = SketchHooks(self.model.base_model.model, self.targets, rank, spectrum=self.spectrum)

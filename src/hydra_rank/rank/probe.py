@@ -1,0 +1,135 @@
+"""Held-out attribution: what each module's last interval of training did to the loss on a batch it did not train on.
+
+The optimizer-side attribution (`scheduler.py`) sums −⟨g_b, Δθ_b⟩ over the interval's steps, where g_b is the very
+gradient the step Δθ_b was computed from: it is positive by construction and grows with the batch gradient's size,
+noise included, so it credits modules whose gradients are large rather than modules whose updates generalise. A probe
+batch the interval did not train on has no such bias. For module m the interval moved ΔW_m from its start to its end,
+D_m = ΔW_m(end) − ΔW_m(start), and the probe loss changed by
+
+    L(end) − L(start) ≈ ½ Σ_m ⟨G_m(start) + G_m(end), D_m⟩        (trapezoid rule; exact for a quadratic loss)
+
+with G_m the probe gradient of module m's full weight at either end. The gain credited to m is −½⟨G_m(start) +
+G_m(end), D_m⟩: one-sided at the end alone it would see the overshoot of the interval's last steps (the loss curving
+up again along D_m) and charge it to every module. The estimate lives in ΔW space, so it does not care how the
+adapter is factored, and the ranks are constant inside an interval (resizes happen at decisions only), so the start
+factors fit the model as it is at the end.
+
+Cost: two forward/backward passes of the probe batch per decision, one at the end parameters and one with the start
+factors swapped in. No d_out x d_in matrix is formed: with inputs X (tokens x d_in) and output gradients Δ,
+⟨G, s·B·A⟩ = s·Σ_tokens (Δ B) ⊙ (X Aᵀ), computed in hooks from rank-sized products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .lora import ADAPTER
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
+
+    from ..loss import LossFn
+
+Factors = tuple[torch.Tensor, torch.Tensor, float]  # A (r x d_in), B (d_out x r), scale
+ProbeSource = Callable[[int], dict[str, torch.Tensor]]  # the probe batch of the decision at a step
+
+
+def factors(layer: LoraLayer) -> Factors:
+    """A copy of `layer`'s adapter factors and scale (empty factors at rank 0)."""
+    if layer.r[ADAPTER] == 0:
+        empty = torch.zeros(0)
+        return empty, empty, 0.0
+    return (
+        layer.lora_A[ADAPTER].weight.detach().clone(),
+        layer.lora_B[ADAPTER].weight.detach().clone(),
+        float(layer.scaling[ADAPTER]),
+    )
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 activations would round the products away)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _inner(x: torch.Tensor, delta: torch.Tensor, f: Factors) -> torch.Tensor:
+    """⟨Δᵀ X, s·B·A⟩ for one module's inputs X and output gradients Δ (tokens flattened)."""
+    a, b, scale = f
+    if a.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    return scale * ((delta @ b.to(delta)).double() * (x @ a.to(x).T).double()).sum()
+
+
+class IntervalProbe:
+    """Per-module held-out gains of one interval: `start()` at its beginning, `gains(...)` at its end."""
+
+    def __init__(self, layers: dict[str, LoraLayer], names: list[str]) -> None:
+        self.layers, self.names = layers, names
+        self.start_factors: dict[str, Factors] = {}
+
+    def start(self) -> None:
+        """Remember every module's factors: the interval starts here."""
+        self.start_factors = {name: factors(self.layers[name]) for name in self.names}
+
+    def gains(self, model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn) -> np.ndarray:
+        """−½⟨G(start) + G(end), D⟩ per module, G from `batch` (in module order). The model ends as it was."""
+        end = {name: factors(self.layers[name]) for name in self.names}
+        at_end = self._inner_products(model, batch, loss_fn, end)
+        self._load(self.start_factors)
+        try:
+            at_start = self._inner_products(model, batch, loss_fn, end)
+        finally:
+            self._load(end)
+        return -0.5 * (at_start + at_end)
+
+    def state_dict(self) -> dict[str, list]:
+        """The interval's start factors, for an exact resume (tensors and floats only)."""
+        return {name: [a, b, scale] for name, (a, b, scale) in self.start_factors.items()}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        self.start_factors = {name: (a, b, float(scale)) for name, (a, b, scale) in state.items()}
+
+    @torch.no_grad()
+    def _load(self, chosen: dict[str, Factors]) -> None:
+        for name, (a, b, _) in chosen.items():
+            if a.numel():
+                self.layers[name].lora_A[ADAPTER].weight.copy_(a)
+                self.layers[name].lora_B[ADAPTER].weight.copy_(b)
+
+    def _inner_products(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn, end: dict[str, Factors]
+    ) -> np.ndarray:
+        """⟨G_m, D_m⟩ for every module m, G_m the probe gradient at the model's current parameters."""
+        totals = torch.zeros(len(self.names), dtype=torch.float64)
+        handles = []
+
+        def watch(index: int, name: str):
+            def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                x = _wide(args[0].detach().reshape(-1, args[0].shape[-1]))
+                start_f, end_f = self.start_factors[name], end[name]
+
+                def backward_hook(grad: torch.Tensor) -> None:
+                    delta = _wide(grad.reshape(-1, grad.shape[-1]))
+                    totals[index] += (_inner(x, delta, end_f) - _inner(x, delta, start_f)).cpu()
+
+                output.register_hook(backward_hook)
+
+            return forward_hook
+
+        for index, name in enumerate(self.names):
+            handles.append(self.layers[name].register_forward_hook(watch(index, name)))
+        was_training = model.training
+        model.eval()  # no dropout, and no recomputation under gradient checkpointing (hooks would fire twice)
+        try:
+            loss, _ = loss_fn(model, batch)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            torch.autograd.grad(loss, trainable, allow_unused=True)  # runs every hook, touches no .grad
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        return totals.numpy()
