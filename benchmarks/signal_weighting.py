@@ -29,7 +29,7 @@ from hydra_rank.config import load_config
 from hydra_rank.inputs import load_inputs
 from hydra_rank.loss import IGNORE_INDEX, answer_logits, answer_loss
 from hydra_rank.methods import METHODS
-from hydra_rank.rank.plan import calibrated_allocation, calibration_batches, make_budget
+from hydra_rank.rank.plan import calibrated_allocation, calibration_batches, make_budget, sample_batches
 
 if TYPE_CHECKING:
     from hydra_rank.rank.budget import Allocation, Target
@@ -69,9 +69,8 @@ def main() -> None:
     seeds = sorted({int(seed) for seed in args.seeds.split(",")})
     allocations: dict[tuple[str, int], Allocation] = {}
     for seed in seeds:
-        batches = calibration_batches(
-            inputs.train_samples, inputs.encoder, config.train.batch_size, args.batches, seed, device
-        )
+        make = sample_batches(inputs.train_samples, inputs.encoder, device)
+        batches = calibration_batches(make, len(inputs.train_samples), config.train.batch_size, args.batches, seed)
         for weighting, loss_fn in WEIGHTINGS.items():
             allocations[weighting, seed], _ = calibrated_allocation(
                 inputs.model, targets, budget, method.mode, batches, seed, False, loss_fn

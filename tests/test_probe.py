@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hydra_rank.rank.lora import ADAPTER, lora_layers
-from hydra_rank.rank.probe import IntervalProbe
+from hydra_rank.rank.probe import IntervalProbe, direction_values
 
 
 def causal_loss(model, batch):
@@ -68,3 +68,22 @@ def test_trapezoid_explains_the_probe_loss_change_and_credits_only_modules_that_
     assert any(gains[i] != 0 for i, name in enumerate(names) if name in moved)
     assert all(torch.equal(layers[n].lora_B[ADAPTER].weight, end[n]) for n in names)  # the model ends as it was
     assert all(p.grad is None for p in model.parameters())  # and no gradient is left behind
+
+
+def test_direction_values_add_up_to_the_loss_change_since_no_update(lora_llama):
+    """Every direction's value, over all modules, sums to L(no update) − L(now) on the batch (the trapezoid from
+    zero); a module's directions come largest first, one value per unit of its rank; the model ends as it was."""
+    model, batch = lora_llama, {"input_ids": torch.randint(0, 500, (3, 9), generator=torch.Generator().manual_seed(1))}
+    layers = list(lora_layers(model).values())
+    now = [layer.lora_B[ADAPTER].weight.clone() for layer in layers]
+    with torch.no_grad():
+        with_update = float(causal_loss(model, batch)[0])
+        for layer in layers:
+            layer.lora_B[ADAPTER].weight.zero_()
+        without = float(causal_loss(model, batch)[0])
+        for layer, b in zip(layers, now, strict=True):
+            layer.lora_B[ADAPTER].weight.copy_(b)
+    values = direction_values(model, layers, batch, causal_loss)
+    assert [len(v) for v in values] == [3] * len(layers)
+    assert sum(float(v.sum()) for v in values) == pytest.approx(without - with_update, rel=0.02)
+    assert all(torch.equal(layer.lora_B[ADAPTER].weight, b) for layer, b in zip(layers, now, strict=True))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .lora import ADAPTER
+from .resize import factorize
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -104,32 +105,85 @@ class IntervalProbe:
         self, model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn, end: dict[str, Factors]
     ) -> np.ndarray:
         """⟨G_m, D_m⟩ for every module m, G_m the probe gradient at the model's current parameters."""
-        totals = torch.zeros(len(self.names), dtype=torch.float64)
-        handles = []
 
-        def watch(index: int, name: str):
-            def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                x = _wide(args[0].detach().reshape(-1, args[0].shape[-1]))
-                start_f, end_f = self.start_factors[name], end[name]
+        def measure(index: int, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+            name = self.names[index]
+            return _inner(x, delta, end[name]) - _inner(x, delta, self.start_factors[name])
 
-                def backward_hook(grad: torch.Tensor) -> None:
-                    delta = _wide(grad.reshape(-1, grad.shape[-1]))
-                    totals[index] += (_inner(x, delta, end_f) - _inner(x, delta, start_f)).cpu()
+        return probe_pass(model, batch, loss_fn, [self.layers[n] for n in self.names], measure)[:, 0].numpy()
 
+
+Measure = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer index, inputs X, output grads Δ)
+
+
+def probe_pass(
+    model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn, layers: list[LoraLayer], measure: Measure
+) -> torch.Tensor:
+    """One forward/backward of `batch` in eval mode; row i is `measure(i, X_i, Δ_i)` of layer i (a scalar or a
+    vector, zero-padded to the widest), with its inputs X_i and output gradients Δ_i, tokens flattened. The
+    parameters' `.grad` are left untouched."""
+    results: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def watch(index: int):
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = _wide(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+            def backward_hook(grad: torch.Tensor) -> None:
+                value = measure(index, x, _wide(grad.reshape(-1, grad.shape[-1]))).double().cpu().reshape(-1)
+                results[index] = value if index not in results else results[index] + value
+
+            if output.requires_grad:  # a rank-0 module's output is the frozen base's alone
                 output.register_hook(backward_hook)
 
-            return forward_hook
+        return forward_hook
 
-        for index, name in enumerate(self.names):
-            handles.append(self.layers[name].register_forward_hook(watch(index, name)))
-        was_training = model.training
-        model.eval()  # no dropout, and no recomputation under gradient checkpointing (hooks would fire twice)
-        try:
-            loss, _ = loss_fn(model, batch)
-            trainable = [p for p in model.parameters() if p.requires_grad]
-            torch.autograd.grad(loss, trainable, allow_unused=True)  # runs every hook, touches no .grad
-        finally:
-            for handle in handles:
-                handle.remove()
-            model.train(was_training)
-        return totals.numpy()
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(watch(index)))
+    was_training = model.training
+    model.eval()  # no dropout, and no recomputation under gradient checkpointing (hooks would fire twice)
+    try:
+        loss, _ = loss_fn(model, batch)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(loss, trainable, allow_unused=True)  # runs every hook
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    width = max([1, *(len(v) for v in results.values())])
+    table = torch.zeros(len(layers), width, dtype=torch.float64)
+    for index, value in results.items():
+        table[index, : len(value)] = value
+    return table
+
+
+def direction_values(
+    model: nn.Module, layers: list[LoraLayer], batch: dict[str, torch.Tensor], loss_fn: LossFn
+) -> list[np.ndarray]:
+    """What each singular direction of every module's update is worth on `batch`, largest direction first: ΔW =
+    s·Σ_i σ_i u_i v_iᵀ, and direction i is credited −½⟨G(0) + G(ΔW), s·σ_i u_i v_iᵀ⟩, the trapezoid from no update
+    (every B zeroed) to the current one. A module's values sum to its share of the batch's loss decrease since
+    training began; the last one is what its last unit of rank holds."""
+    current = [factors(layer) for layer in layers]
+    bases = [factorize(b, a) if a.numel() else None for a, b, _ in current]
+
+    def measure(index: int, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if bases[index] is None:
+            return torch.zeros(1)
+        left, sigma, right = (t.to(x) for t in bases[index])
+        return current[index][2] * sigma * ((delta @ left) * (x @ right)).sum(0)
+
+    at_end = probe_pass(model, batch, loss_fn, layers, measure)
+    with torch.no_grad():
+        for layer in layers:
+            if layer.r[ADAPTER]:
+                layer.lora_B[ADAPTER].weight.zero_()
+    try:
+        at_zero = probe_pass(model, batch, loss_fn, layers, measure)
+    finally:
+        with torch.no_grad():
+            for layer, (_, b, _) in zip(layers, current, strict=True):
+                if b.numel():
+                    layer.lora_B[ADAPTER].weight.copy_(b)
+    values = (-0.5 * (at_end + at_zero)).numpy()
+    return [values[i, : layer.r[ADAPTER]] for i, layer in enumerate(layers)]

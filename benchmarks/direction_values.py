@@ -1,0 +1,114 @@
+"""What each unit of rank holds in a trained adapter, scored on held-out questions (no training).
+
+HyDRA's performance model learns from what modules realise per interval, and that does not follow rank
+(`decision_churn.py`, "gain elasticity to rank"): it measures a module's *level*, how much its update is worth, and
+assumes the worth of more rank from the gradient-energy curve. This script measures the worth of rank directly in
+finished runs: every module's update ΔW = s·Σ σ_i u_i v_iᵀ is split into its singular directions, and each direction
+is credited its share of the loss decrease on the run's evaluation questions (the trapezoid from no update to ΔW,
+`rank/probe.py:direction_values`). Per run it reports, across modules, how the level (all directions) and the
+margin (the last direction: what the module's last unit of rank holds) are spread, and how well the one ranks the
+other (Spearman). A low correlation says allocating by level gives rank to modules whose last unit is not the most
+valuable.
+
+    .venv/bin/python benchmarks/direction_values.py RUN_DIR [RUN_DIR ...] [--batches 4]
+
+RUN_DIR is a finished `hydra-rank train` folder with config.yaml and adapter/. Prints markdown and writes
+direction_values.json in --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from hydra_rank.config import load_config
+from hydra_rank.data import collate
+from hydra_rank.inputs import load_inputs
+from hydra_rank.loss import answer_loss
+from hydra_rank.rank.lora import lora_layers
+from hydra_rank.rank.perf_model import spearman
+from hydra_rank.rank.probe import direction_values
+
+if TYPE_CHECKING:
+    from hydra_rank.rank.budget import Target
+
+
+def run_values(run: Path, batches: int) -> tuple[list[Target], dict[str, np.ndarray]]:
+    """Every target module's direction values of the run's adapter, summed over `batches` evaluation batches."""
+    config = load_config(run / "config.yaml")
+    inputs = load_inputs(config)
+    targets = inputs.targets
+    model = PeftModel.from_pretrained(inputs.model, run / "adapter")
+    layers = lora_layers(model)
+    names = [t.name for t in targets if t.name in layers]
+    items = [inputs.encoder.encode(sample) for sample in inputs.eval_samples]
+    size = config.train.batch_size
+    totals: dict[str, np.ndarray] = {}
+    for start in range(0, min(len(items), batches * size), size):
+        batch = collate(items[start : start + size], inputs.encoder.pad_token_id)
+        values = direction_values(model, [layers[n] for n in names], batch, answer_loss)
+        for name, value in zip(names, values, strict=True):
+            totals[name] = totals.get(name, 0.0) + value
+    return targets, totals
+
+
+def summary(targets: list[Target], values: dict[str, np.ndarray]) -> dict:
+    names = [t.name for t in targets if t.name in values]
+    level = np.array([values[n].sum() for n in names])
+    margin = np.array([values[n][-1] for n in names])
+    first = np.array([values[n][0] for n in names])
+    kinds: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for target in targets:
+        if target.name in values:
+            kinds[target.kind].append((float(values[target.name].sum()), float(values[target.name][-1])))
+    return {
+        "modules": len(names),
+        "level_sum": float(level.sum()),
+        "margin_share": float(margin.sum() / level.sum()),
+        "first_share": float(first.sum() / level.sum()),
+        "negative_margins": int((margin < 0).sum()),
+        "spearman_level_margin": spearman(level, margin),
+        "by_kind": {
+            k: {"level": float(np.mean([a for a, _ in v])), "margin": float(np.mean([b for _, b in v]))}
+            for k, v in sorted(kinds.items())
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (config.yaml, adapter/)")
+    parser.add_argument("--batches", type=int, default=4, help="evaluation batches (of train.batch_size) to score")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/direction-values"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = {}
+    for run in args.runs:
+        targets, values = run_values(run, args.batches)
+        rows[str(run)] = {**summary(targets, values), "values": {n: v.tolist() for n, v in values.items()}}
+    print(
+        "| run | modules | held-out loss decrease | first direction's share | last direction's share "
+        "| last direction < 0 | Spearman(level, last) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for run, row in rows.items():
+        print(
+            f"| {run} | {row['modules']} | {row['level_sum']:.4f} | {row['first_share']:.2f} | "
+            f"{row['margin_share']:.2f} | {row['negative_margins']} | {row['spearman_level_margin']:+.2f} |"
+        )
+    for run, row in rows.items():
+        kinds = ", ".join(f"{k} {v['level']:.2e}/{v['margin']:.2e}" for k, v in row["by_kind"].items())
+        print(f"{run}: mean level / last direction by kind: {kinds}")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "direction_values.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
