@@ -4,7 +4,8 @@ HyDRA's performance model learns from what modules realise per interval, and tha
 (`decision_churn.py`, "gain elasticity to rank"): it measures a module's *level*, how much its update is worth, and
 assumes the worth of more rank from the gradient-energy curve. This script measures the worth of rank directly in
 finished runs: every module's update ΔW = s·Σ σ_i u_i v_iᵀ is split into its singular directions, and each direction
-is credited its share of the loss decrease on the run's evaluation questions (the trapezoid from no update to ΔW,
+is credited its share of the loss decrease on held-out questions (the run's validation split when it has one, else
+its evaluation questions; the trapezoid from no update to ΔW,
 `rank/probe.py:direction_values`). Per run it reports, across modules, how the level (all directions) and the
 margin (the last direction: what the module's last unit of rank holds) are spread, and how well the one ranks the
 other (Spearman). A low correlation says allocating by level gives rank to modules whose last unit is not the most
@@ -43,9 +44,11 @@ if TYPE_CHECKING:
 def run_values(run: Path, batches: int) -> tuple[list[Target], dict[str, np.ndarray]]:
     """Every target module's direction values of the run's adapter, summed over `batches` evaluation batches."""
     config = load_config(run / "config.yaml")
+    if config.data.validation_samples:  # score on the validation split, never the one results are reported on
+        config.data.eval_split = "validation"
     inputs = load_inputs(config)
     targets = inputs.targets
-    model = PeftModel.from_pretrained(inputs.model, run / "adapter")
+    model = PeftModel.from_pretrained(inputs.model, run / "adapter", is_trainable=True)  # gradients reach it
     layers = lora_layers(model)
     names = [t.name for t in targets if t.name in layers]
     items = [inputs.encoder.encode(sample) for sample in inputs.eval_samples]

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hydra_rank.rank.lora import ADAPTER, lora_layers
-from hydra_rank.rank.probe import IntervalProbe, direction_values
+from hydra_rank.rank.probe import IntervalProbe, direction_values, value_curves
 
 
 def causal_loss(model, batch):
@@ -87,3 +87,16 @@ def test_direction_values_add_up_to_the_loss_change_since_no_update(lora_llama):
     assert [len(v) for v in values] == [3] * len(layers)
     assert sum(float(v.sum()) for v in values) == pytest.approx(without - with_update, rel=0.02)
     assert all(torch.equal(layer.lora_B[ADAPTER].weight, b) for layer, b in zip(layers, now, strict=True))
+
+
+def test_value_curves_keep_measured_directions_and_extrapolate_by_the_pooled_decay():
+    """Up to a module's rank its curve adds its measured directions (a harmful one counts as nothing), beyond it the
+    last value shrinks by the median ratio of consecutive values; every curve starts at 0 and never decreases."""
+    import numpy as np
+
+    curves = value_curves([np.array([0.4, 0.2]), np.array([0.3, -0.1]), np.array([0.5, 0.4]), np.array([0.1])], 4)
+    decay = np.median([0.5, 0.8])
+    assert curves[0] == pytest.approx([0, 0.4, 0.6, 0.6 + 0.2 * decay, 0.6 + 0.2 * decay + 0.2 * decay**2])
+    assert curves[1, 1] == pytest.approx(0.3) and curves[1, 4] == pytest.approx(0.3, abs=1e-5)
+    assert curves[3, 2] == pytest.approx(0.1 + 0.1 * decay)
+    assert np.all(curves[:, 0] == 0) and np.all(np.diff(curves, axis=1) > 0)

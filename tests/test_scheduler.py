@@ -216,16 +216,20 @@ def test_coherent_spectrum_refuses_decisions_one_step_apart(tiny_llava_dir, tmp_
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
-def test_probe_attribution_run_keeps_the_budget_and_resumes_exactly(tiny_llava_dir, tmp_path):
-    """`schedule.attribution: probe` scores every interval on a fresh training batch at its end; a checkpoint taken
-    inside an interval (step 5, decisions at 2, 4, 6) carries the interval's start factors, so the resumed run
-    measures, decides and trains exactly as the uninterrupted one."""
+@pytest.mark.parametrize(("attribution", "curves"), [("probe", "gradient"), ("optimizer", "held_out")])
+def test_held_out_signals_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp_path, attribution, curves):
+    """`schedule.attribution: probe` scores every interval on a fresh training batch at its end, `schedule.curves:
+    held_out` every direction of the update; a checkpoint taken inside an interval (step 5, decisions at 2, 4, 6)
+    carries the interval's start factors, so the resumed run measures, decides and trains exactly as the
+    uninterrupted one."""
     from .conftest import write_colour_dataset
 
     dataset = write_colour_dataset(tmp_path / "data", count=16)
     config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True, checkpoint_every=5)
     config.adapter.method, config.adapter.max_rank = "hydra", 6
-    config.schedule = ScheduleConfig(warmup_fraction=0.25, interval_fraction=0.25, attribution="probe")
+    config.schedule = ScheduleConfig(
+        warmup_fraction=0.25, interval_fraction=0.25, attribution=attribution, curves=curves
+    )
     result = run(config, show_progress=False)
     history = read_jsonl(result.output_dir / "allocation_history.jsonl")
     assert [entry["step"] for entry in history] == [2, 4, 6]

@@ -35,6 +35,7 @@ EVAL_SPLITS = ("test", "validation")
 SCHEDULE_INITS = ("warmup", "calibrated")
 RANK_SCALES = ("fixed", "sqrt")
 SPECTRA = ("stacked", "coherent")  # what utility curves measure (`rank/signals.py`)
+CURVES = ("gradient", "held_out")  # what the decisions' utility curves measure (`rank/scheduler.py`)
 ATTRIBUTIONS = ("optimizer", "probe")  # what the performance model learns from (`rank/scheduler.py`, `rank/probe.py`)
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -120,6 +121,9 @@ class ScheduleConfig:
     # what the performance model learns from: optimizer (each step's −⟨grad, update⟩ on the batch it trained on) |
     # probe (each interval's change of the loss on a training batch drawn afresh at the decision; rank/probe.py)
     attribution: str = "optimizer"
+    # what the decisions' utility curves measure: gradient (the sketched gradient energy rank r captures, the same
+    # measure as the calibration) | held_out (what each singular direction of the update holds on a fresh batch)
+    curves: str = "gradient"
 
 
 @dataclass
@@ -312,6 +316,7 @@ def validate(config: RunConfig) -> RunConfig:
     _require(
         sc.attribution in ATTRIBUTIONS, f"schedule.attribution must be one of {ATTRIBUTIONS}, got {sc.attribution!r}"
     )
+    _require(sc.curves in CURVES, f"schedule.curves must be one of {CURVES}, got {sc.curves!r}")
     _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
     _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")
     for key in ("max_steps", "batch_size", "grad_accum"):

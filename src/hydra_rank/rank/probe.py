@@ -187,3 +187,20 @@ def direction_values(
                     layer.lora_B[ADAPTER].weight.copy_(b)
     values = (-0.5 * (at_end + at_zero)).numpy()
     return [values[i, : layer.r[ADAPTER]] for i, layer in enumerate(layers)]
+
+
+def value_curves(values: list[np.ndarray], max_rank: int) -> np.ndarray:
+    """u[m, r] for r = 0..max_rank: the held-out value of module m's first r directions (largest first, each at least
+    a tiny positive amount), and beyond its rank its last direction's value shrinking by the pooled ratio of
+    consecutive directions' values (median over modules, in [0.05, 1]): non-decreasing in r."""
+    ratios = [v[i + 1] / v[i] for v in values for i in range(len(v) - 1) if v[i] > 0 and v[i + 1] > 0]
+    decay = float(np.clip(np.median(ratios), 0.05, 1.0)) if ratios else 0.5
+    positive = [np.maximum(v, 0.0) for v in values]
+    floor = 1e-6 * max([float(v.max()) for v in positive if len(v)] + [1e-12])
+    curves = np.zeros((len(values), max_rank + 1))
+    for m, v in enumerate(positive):
+        kept = np.maximum(v[:max_rank], floor)
+        last = kept[-1] if len(kept) else floor
+        extra = last * decay ** np.arange(1, max_rank - len(kept) + 1)
+        curves[m, 1:] = np.cumsum(np.concatenate([kept, extra]))
+    return curves

@@ -42,7 +42,7 @@ from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
 from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
-from .probe import IntervalProbe
+from .probe import IntervalProbe, direction_values, value_curves
 from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
@@ -117,10 +117,11 @@ class HydraScheduler:
         self.spearmans: list[float] = []
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
-        if config.attribution == "probe" and probe is None:
+        held_out = config.attribution == "probe" or config.curves == "held_out"
+        if held_out and probe is None:
             raise ConfigError("schedule.attribution probe needs probe batches: pass `probe` to the scheduler")
-        self.probe_source = probe if config.attribution == "probe" else None
-        self.probe = IntervalProbe(self.layers, self.names) if self.probe_source else None
+        self.probe_source = probe if held_out else None
+        self.probe = IntervalProbe(self.layers, self.names) if config.attribution == "probe" else None
 
     # ---- attribution: what each module's updates removed from the loss -------------------------------------
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -197,6 +198,13 @@ class HydraScheduler:
         self.sketches = None
         curves = self._curves(spectra)
         entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
+        if self.config.curves == "held_out":
+            tick = time.perf_counter()
+            source, loss_fn = self.probe_source
+            layers = [self.layers[name] for name in self.names]
+            values = direction_values(self.model, layers, source(step), loss_fn)
+            curves = value_curves(values, self.budget.max_rank)
+            self.seconds["attribution"] += time.perf_counter() - tick
         if self.probe is not None:
             tick = time.perf_counter()
             source, loss_fn = self.probe_source
