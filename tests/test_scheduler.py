@@ -237,6 +237,7 @@ def test_held_out_signals_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp
     assert history[0]["fitted_on_warmup"] and all("spearman" in entry for entry in history[1:])
     assert len({tuple(entry["ranks"].values()) for entry in history}) > 1  # the probe's gains moved rank
     assert result.metrics["attribution_time_s"] > 0
+    assert (result.metrics["sketch_time_s"] == 0) is (curves == "held_out")  # held-out curves need no sketch
     losses = [record["loss"] for record in read_jsonl(result.output_dir / "log.jsonl")]
     resumed = run(config, resume=True, show_progress=False)
     assert resumed.metrics["resumed_from_step"] == 5

@@ -7,7 +7,8 @@ Timeline (fractions of the run, `schedule.*` in the config):
 
 Before each decision the gradients of the last `signal_steps` steps are sketched (`signals.py`, no extra forward or
 backward pass), and between decisions every module's realised contribution to the loss decrease is accumulated
-from its own parameter updates (optimizer hooks). At a decision the scheduler
+from its own parameter updates (optimizer hooks); `schedule.curves: held_out` and `schedule.attribution: probe` take
+either from a fresh probe batch at the decision instead (`probe.py`, ablations). At a decision the scheduler
 
 1. scores the previous decision's predictions against what was realised (Spearman across modules) and refits the
    performance model on it (`perf_model.py`);
@@ -154,6 +155,8 @@ class HydraScheduler:
 
     # ---- loop hooks ---------------------------------------------------------------------------------------
     def step_begin(self, step: int) -> None:
+        if self.config.curves != "gradient":  # held-out curves come from the probe: nothing to sketch
+            return
         upcoming = [d for d in self.decisions if d >= step]
         if upcoming and upcoming[0] - self.config.signal_steps < step and self.sketches is None:
             rank = self.budget.max_rank + SKETCH_OVERSAMPLING
@@ -188,23 +191,28 @@ class HydraScheduler:
         x = self.perf_model.features(curves[np.arange(len(ranks)), ranks.astype(int)], ranks)
         return x, np.where(ranks > 0, self.perf_model.predict(x), 0.0)
 
-    def _decide(self, step: int, record: dict[str, Any]) -> bool:
-        started = time.perf_counter()
+    def _sketched_curves(self, step: int) -> np.ndarray:
+        """Every module's utility at every rank from the gradients sketched before the decision at `step`."""
         if self.sketches is None:
             raise InvariantError(f"no gradient sketch was taken before the decision at step {step}")
         spectra = self.sketches.results()
         self.seconds["sketch"] += self.sketches.seconds
         self.sketches.remove()
         self.sketches = None
-        curves = self._curves(spectra)
+        return self._curves(spectra)
+
+    def _held_out_curves(self, step: int) -> np.ndarray:
+        """Every module's utility at every rank from what its update's directions hold on the probe batch."""
+        tick = time.perf_counter()
+        source, loss_fn = self.probe_source
+        values = direction_values(self.model, [self.layers[name] for name in self.names], source(step), loss_fn)
+        self.seconds["attribution"] += time.perf_counter() - tick
+        return value_curves(values, self.budget.max_rank)
+
+    def _decide(self, step: int, record: dict[str, Any]) -> bool:
+        started = time.perf_counter()
+        curves = self._held_out_curves(step) if self.config.curves == "held_out" else self._sketched_curves(step)
         entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
-        if self.config.curves == "held_out":
-            tick = time.perf_counter()
-            source, loss_fn = self.probe_source
-            layers = [self.layers[name] for name in self.names]
-            values = direction_values(self.model, layers, source(step), loss_fn)
-            curves = value_curves(values, self.budget.max_rank)
-            self.seconds["attribution"] += time.perf_counter() - tick
         if self.probe is not None:
             tick = time.perf_counter()
             source, loss_fn = self.probe_source
