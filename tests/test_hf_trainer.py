@@ -76,24 +76,26 @@ def trainer_for(config, model_dir, output_dir, trainer_class=LoopOrderTrainer, *
     )
 
 
-def hydra_config(model_dir, dataset, output_dir, attribution="optimizer"):
+def hydra_config(model_dir, dataset, output_dir, attribution="optimizer", curves="gradient"):
     # seed 1: with seed 0 Trainer's own seeded sampler happens to draw the built-in order, hiding order mistakes
     config = tiny_config(model_dir, dataset, output_dir, max_steps=8, warmup_steps=0, debug_checks=True, seed=1)
     config.adapter.method = "hydra"
     config.adapter.max_rank = 6
     config.schedule = ScheduleConfig(
-        warmup_fraction=0.2, interval_fraction=0.2, freeze_fraction=0.9, attribution=attribution
+        warmup_fraction=0.2, interval_fraction=0.2, freeze_fraction=0.9, attribution=attribution, curves=curves
     )
     return config
 
 
-@pytest.mark.parametrize("attribution", ["optimizer", "probe"])
+@pytest.mark.parametrize(
+    ("attribution", "curves"), [("optimizer", "gradient"), ("probe", "gradient"), ("optimizer", "held_out")]
+)
 def test_trainer_makes_the_built_in_loops_decisions_and_saves_a_stock_adapter(
-    tiny_llava_dir, colour_dataset, tmp_path, attribution
+    tiny_llava_dir, colour_dataset, tmp_path, attribution, curves
 ):
-    """The probe attribution draws its batches through the Trainer's collator by the loop's indices, so it decides
-    the same, too."""
-    config = hydra_config(tiny_llava_dir, colour_dataset, tmp_path / "loop", attribution)
+    """The held-out options draw their probe batches through the Trainer's collator by the loop's indices, so they
+    decide the same, too."""
+    config = hydra_config(tiny_llava_dir, colour_dataset, tmp_path / "loop", attribution, curves)
     run(config, show_progress=False)
     loop = read_jsonl(tmp_path / "loop" / "allocation_history.jsonl")
 

@@ -60,7 +60,7 @@ class Adapted:
     ) -> HydraScheduler:
         """The HyDRA scheduler that moves this adapter's ranks during a run of `config` (the training loop's and the
         HF Trainer callback's; `model` is the PEFT model itself, unwrapped from any DDP/FSDP wrapper). `probe` gives
-        the probe batch of a decision (`schedule.attribution` probe)."""
+        the probe batch of a decision (`ScheduleConfig.needs_probe`)."""
         return HydraScheduler(
             model,
             targets,

@@ -125,6 +125,11 @@ class ScheduleConfig:
     # measure as the calibration) | held_out (what each singular direction of the update holds on a fresh batch)
     curves: str = "gradient"
 
+    @property
+    def needs_probe(self) -> bool:
+        """Whether decisions measure on probe batches (`rank/probe.py`), which the training loop must supply."""
+        return self.attribution == "probe" or self.curves == "held_out"
+
 
 @dataclass
 class TrainConfig:

@@ -180,7 +180,7 @@ class HydraTrainerMixin:
         )
         targets = discover_targets(self.model, adapter.target_modules, adapter.towers)
         batches = self._calibration_batches(calibration_batch_count(self.hydra_config))
-        probe = self._probe_source() if self.hydra_config.schedule.attribution == "probe" else None
+        probe = self._probe_source() if self.hydra_config.schedule.needs_probe else None
         adapted = adapt(self.hydra_config, self.model, targets, batches, show_progress=False)
         self.model = self.model_wrapped = adapted.model
         history_dir = Path(training.output_dir) if self.is_world_process_zero() else None
@@ -213,7 +213,7 @@ class HydraTrainerMixin:
         )
 
     def _probe_source(self) -> ProbeSource:
-        make = self._batch_maker("with schedule.attribution probe scores intervals on training batches")
+        make = self._batch_maker("measures on probe batches (schedule.attribution probe / curves held_out)")
         return probe_source(make, len(self.train_dataset), self.args.per_device_train_batch_size, self.args.seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

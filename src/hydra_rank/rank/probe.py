@@ -1,4 +1,6 @@
-"""Held-out attribution: what each module's last interval of training did to the loss on a batch it did not train on.
+"""Held-out measurements on a probe batch: what each module's last interval of training did to the loss on a batch
+it did not train on (`IntervalProbe`, `schedule.attribution: probe`), and what each singular direction of a
+module's update is worth (`direction_values`, `schedule.curves: held_out`).
 
 The optimizer-side attribution (`scheduler.py`) sums −⟨g_b, Δθ_b⟩ over the interval's steps, where g_b is the very
 gradient the step Δθ_b was computed from: it is positive by construction and grows with the batch gradient's size,

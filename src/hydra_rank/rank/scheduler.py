@@ -118,10 +118,12 @@ class HydraScheduler:
         self.spearmans: list[float] = []
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.optimizer: torch.optim.Optimizer | None = None
-        held_out = config.attribution == "probe" or config.curves == "held_out"
-        if held_out and probe is None:
-            raise ConfigError("schedule.attribution probe needs probe batches: pass `probe` to the scheduler")
-        self.probe_source = probe if held_out else None
+        if config.needs_probe and probe is None:
+            raise ConfigError(
+                "schedule.attribution probe and schedule.curves held_out measure on probe batches: pass `probe` to "
+                "the scheduler"
+            )
+        self.probe_source = probe if config.needs_probe else None
         self.probe = IntervalProbe(self.layers, self.names) if config.attribution == "probe" else None
 
     # ---- attribution: what each module's updates removed from the loss -------------------------------------
