@@ -128,10 +128,11 @@ class HydraScheduler:
 
     # ---- attribution: what each module's updates removed from the loss -------------------------------------
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Measure every optimizer step's first-order loss change per module: −⟨grad, Δθ⟩ over its A and B."""
+        """Measure every optimizer step's first-order loss change per module, −⟨grad, Δθ⟩ over its A and B (with
+        `schedule.attribution: probe`, open the first interval instead: the probe measures it at its end)."""
         self.optimizer = optimizer
-        if self.probe is not None:  # the probe measures each interval's gains itself, at its end
-            if not self.probe.start_factors:
+        if self.probe is not None:
+            if not self.probe.start_factors:  # a resumed run's interval start comes from its checkpoint
                 self.probe.start()
             return
         base = unwrap_optimizer(optimizer)
