@@ -138,6 +138,10 @@ def write_text_dataset(root: Path, count: int = 12) -> tuple[Path, Path]:
 
 
 REFERENCE = Path(__file__).with_name("reference_numbers.json")
+# Machines of one CPU family still round differently when their vector units differ (AVX2 against AVX-512): eight
+# LoRA steps on easy-VQA drifted by up to 1.6e-5 relative between two AMD EPYC machines (twenty-first session), while
+# a change to data order, initialisation or the update moves these numbers by 1e-3 or more.
+REFERENCE_TOLERANCE = 1e-4
 
 
 class Reference:
@@ -170,7 +174,7 @@ class Reference:
         recorded = self.values[name]
         assert set(values) == set(recorded), f"{name}: recorded {sorted(recorded)}, measured {sorted(values)}"
         for key, value in values.items():
-            assert value == pytest.approx(recorded[key], rel=1e-5), (
+            assert value == pytest.approx(recorded[key], rel=REFERENCE_TOLERANCE), (
                 f"{name}: {key} moved from the value recorded in {REFERENCE.name}; if the change is intended, "
                 "re-record the numbers and re-measure BENCHMARKS.md"
             )
