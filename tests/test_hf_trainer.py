@@ -87,9 +87,7 @@ def hydra_config(model_dir, dataset, output_dir, attribution="optimizer", curves
     return config
 
 
-@pytest.mark.parametrize(
-    ("attribution", "curves"), [("optimizer", "gradient"), ("probe", "gradient"), ("optimizer", "held_out")]
-)
+@pytest.mark.parametrize(("attribution", "curves"), [("optimizer", "gradient"), ("probe", "held_out")])
 def test_trainer_makes_the_built_in_loops_decisions_and_saves_a_stock_adapter(
     tiny_llava_dir, colour_dataset, tmp_path, attribution, curves
 ):
