@@ -23,7 +23,8 @@ factors swapped in. No d_out x d_in matrix is formed: with inputs X (tokens x d_
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,6 +60,26 @@ def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
+@contextlib.contextmanager
+def swapped(layers: list[LoraLayer], chosen: list[Factors]) -> Iterator[None]:
+    """Inside the block every layer holds its `chosen` factors (same shapes as its own); afterwards its own again,
+    whatever happened inside. Rank-0 layers have nothing to swap."""
+    own = [factors(layer) for layer in layers]
+    _load(layers, chosen)
+    try:
+        yield
+    finally:
+        _load(layers, own)
+
+
+@torch.no_grad()
+def _load(layers: list[LoraLayer], chosen: list[Factors]) -> None:
+    for layer, (a, b, _) in zip(layers, chosen, strict=True):
+        if a.numel():
+            layer.lora_A[ADAPTER].weight.copy_(a)
+            layer.lora_B[ADAPTER].weight.copy_(b)
+
+
 def _inner(x: torch.Tensor, delta: torch.Tensor, f: Factors) -> torch.Tensor:
     """⟨Δᵀ X, s·B·A⟩ for one module's inputs X and output gradients Δ (tokens flattened)."""
     a, b, scale = f
@@ -82,11 +103,9 @@ class IntervalProbe:
         """−½⟨G(start) + G(end), D⟩ per module, G from `batch` (in module order). The model ends as it was."""
         end = {name: factors(self.layers[name]) for name in self.names}
         at_end = self._inner_products(model, batch, loss_fn, end)
-        self._load(self.start_factors)
-        try:
+        layers = [self.layers[name] for name in self.names]
+        with swapped(layers, [self.start_factors[name] for name in self.names]):
             at_start = self._inner_products(model, batch, loss_fn, end)
-        finally:
-            self._load(end)
         return -0.5 * (at_start + at_end)
 
     def state_dict(self) -> dict[str, list]:
@@ -95,13 +114,6 @@ class IntervalProbe:
 
     def load_state_dict(self, state: dict[str, list]) -> None:
         self.start_factors = {name: (a, b, float(scale)) for name, (a, b, scale) in state.items()}
-
-    @torch.no_grad()
-    def _load(self, chosen: dict[str, Factors]) -> None:
-        for name, (a, b, _) in chosen.items():
-            if a.numel():
-                self.layers[name].lora_A[ADAPTER].weight.copy_(a)
-                self.layers[name].lora_B[ADAPTER].weight.copy_(b)
 
     def _inner_products(
         self, model: nn.Module, batch: dict[str, torch.Tensor], loss_fn: LossFn, end: dict[str, Factors]
@@ -176,17 +188,8 @@ def direction_values(
         return current[index][2] * sigma * ((delta @ left) * (x @ right)).sum(0)
 
     at_end = probe_pass(model, batch, loss_fn, layers, measure)
-    with torch.no_grad():
-        for layer in layers:
-            if layer.r[ADAPTER]:
-                layer.lora_B[ADAPTER].weight.zero_()
-    try:
+    with swapped(layers, [(a, torch.zeros_like(b), scale) for a, b, scale in current]):  # no update: every B zero
         at_zero = probe_pass(model, batch, loss_fn, layers, measure)
-    finally:
-        with torch.no_grad():
-            for layer, (_, b, _) in zip(layers, current, strict=True):
-                if b.numel():
-                    layer.lora_B[ADAPTER].weight.copy_(b)
     values = (-0.5 * (at_end + at_zero)).numpy()
     return [values[i, : layer.r[ADAPTER]] for i, layer in enumerate(layers)]
 

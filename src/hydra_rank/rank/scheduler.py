@@ -204,22 +204,23 @@ class HydraScheduler:
         self.sketches = None
         return self._curves(spectra)
 
-    def _held_out_curves(self, step: int) -> np.ndarray:
+    def _held_out_curves(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
         """Every module's utility at every rank from what its update's directions hold on the probe batch."""
         tick = time.perf_counter()
-        source, loss_fn = self.probe_source
-        values = direction_values(self.model, [self.layers[name] for name in self.names], source(step), loss_fn)
+        layers = [self.layers[name] for name in self.names]
+        values = direction_values(self.model, layers, batch, self.probe_source[1])
         self.seconds["attribution"] += time.perf_counter() - tick
         return value_curves(values, self.budget.max_rank)
 
     def _decide(self, step: int, record: dict[str, Any]) -> bool:
         started = time.perf_counter()
-        curves = self._held_out_curves(step) if self.config.curves == "held_out" else self._sketched_curves(step)
+        probe_batch = self.probe_source[0](step) if self.probe_source else None  # drawn once, for both signals
+        held_out = self.config.curves == "held_out"
+        curves = self._held_out_curves(probe_batch) if held_out else self._sketched_curves(step)
         entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
         if self.probe is not None:
             tick = time.perf_counter()
-            source, loss_fn = self.probe_source
-            self.realised = self.probe.gains(self.model, source(step), loss_fn)
+            self.realised = self.probe.gains(self.model, probe_batch, self.probe_source[1])
             self.seconds["attribution"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
