@@ -28,8 +28,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/hydra-rank demo
 
+# one pytest-xdist worker per core (at most 4: each holds its own models); the suite takes about half as long on 2 cores
 test: install lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 # the headline cell of BENCHMARKS.md: learning rates swept on the validation split, then three paired seeds (14 scenes
 # runs, two at a time: about 1.5 hours on 2 CPU cores); benchmarks/reproduce.sh runs everything

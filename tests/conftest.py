@@ -29,6 +29,17 @@ TINY_IMAGE_SIZE = 28  # 2x2 patches of 14 px: 4 image tokens
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), give each worker its share of the cores: torch
+    would otherwise start a thread per core in every worker, and oversubscribed threads spin instead of working.
+    The environment variable reaches the CLI subprocesses some tests start."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2's tokenizer with the `<image>` token added, as in the built-in VLM."""
