@@ -9,7 +9,11 @@ other way at the next one. (3) Does a module realise more when it holds more ran
 the realised gain with respect to rank: log gain regressed on log rank over all intervals after the first
 allocation, with a fixed effect per module (its level) and per interval (gains shrink as training goes on), so only
 a module's own rank changes count. The performance model assumes a response near its energy weight times the slope
-of the module's energy curve; about 0 says a module's gain in the next interval does not follow its rank.
+of the module's energy curve; about 0 says a module's gain in the next interval does not follow its rank. (4) The
+same response without the selection bias of (3), from runs with `schedule.explore` (rank/explore.py): every
+randomly perturbed pair's log realised gain difference (receiver minus giver, the interval after the decision minus
+the one before) over its log rank difference from the perturbation alone; the coin that picks the receiver makes
+every other term average out. Beside it, the response the performance model predicted for the same perturbations.
 
     .venv/bin/python benchmarks/decision_churn.py benchmarks/results/text-tasks-r2 benchmarks/results/scenes-r4 ...
 
@@ -66,6 +70,52 @@ def rank_response(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _log_gains(realised: list[float]) -> np.ndarray:
+    """Log realised gains, floored as the performance model floors them."""
+    values = np.asarray(realised)
+    return np.log(np.maximum(values, max(1e-12, 1e-3 * float(np.median(np.abs(values))))))
+
+
+def perturbed_pairs(entries: list[dict]) -> np.ndarray:
+    """Rows (measured log-gain difference, predicted log-gain difference, log rank difference from the perturbation)
+    for every pair `schedule.explore` perturbed, receiver minus giver."""
+    rows = []
+    for index, (entry, following) in enumerate(itertools.pairwise(entries)):
+        if not entry.get("explored"):
+            continue
+        names = list(entry["ranks"])
+        before = _log_gains(entry["per_module"]["realised"] if index else entry["warmup_realised"])
+        after = _log_gains(following["per_module"]["realised"])
+        predicted = np.log(np.maximum(following["per_module"]["predicted"], 1e-30))
+        planned = entry["explored_planned_prediction"]
+        for giver, receiver, delta in entry["explored"]:
+            g, r = names.index(giver), names.index(receiver)
+            rank_g, rank_r = entry["ranks"][giver], entry["ranks"][receiver]
+            measured = (after[r] - after[g]) - (before[r] - before[g])
+            model = (predicted[r] - np.log(planned[receiver])) - (predicted[g] - np.log(planned[giver]))
+            shift = np.log(rank_r / (rank_r - delta)) - np.log(rank_g / (rank_g + delta))
+            rows.append((measured, model, shift))
+    return np.array(rows).reshape(-1, 3)
+
+
+def randomised_response(rows: np.ndarray, draws: int = 2000) -> dict[str, float] | None:
+    """Measured and predicted elasticity (Σ log-gain differences / Σ log-rank differences) with a bootstrap 90 %
+    interval over pairs for the measured one; None without perturbed pairs."""
+    if not len(rows):
+        return None
+    ratio = rows[:, :2].sum(axis=0) / rows[:, 2].sum()
+    picks = np.random.default_rng(0).integers(0, len(rows), size=(draws, len(rows)))
+    boot = rows[picks, 0].sum(axis=1) / rows[picks, 2].sum(axis=1)
+    low, high = np.quantile(boot, [0.05, 0.95])
+    return {
+        "measured": float(ratio[0]),
+        "low": float(low),
+        "high": float(high),
+        "predicted": float(ratio[1]),
+        "pairs": len(rows),
+    }
+
+
 def elasticity(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """The pooled least-squares slope of demeaned log gain on demeaned log rank."""
     x = np.concatenate([p[0].ravel() for p in pairs])
@@ -98,7 +148,20 @@ def cell_row(cell: Path) -> dict:
         "reversal_share": reversed_ / max(moved, 1),
         "rank_elasticity": elasticity(responses),
         "rank_elasticity_per_seed": [elasticity([response]) for response in responses],
+        "randomised": randomised_response(np.concatenate([perturbed_pairs(history) for history in histories])),
+        "randomised_per_seed": [randomised_response(perturbed_pairs(history)) for history in histories],
     }
+
+
+def _randomised_cell(row: dict) -> str:
+    pooled = row["randomised"]
+    if pooled is None:
+        return "— (no schedule.explore)"
+    seeds = ", ".join(f"{r['measured']:+.2f}" if r else "—" for r in row["randomised_per_seed"])
+    return (
+        f"{pooled['measured']:+.2f} [{pooled['low']:+.2f}, {pooled['high']:+.2f}] ({seeds}), "
+        f"{pooled['predicted']:+.2f}, {pooled['pairs']}"
+    )
 
 
 def main() -> None:
@@ -111,15 +174,15 @@ def main() -> None:
     rows = [cell_row(cell) for cell in args.cells]
     print(
         "| cell | seeds | shrunk: realised percentile (moves) | grown: realised percentile (moves) | undone next "
-        "| gain elasticity to rank (per seed) |"
+        "| gain elasticity to rank (per seed) | randomised: measured [90 %] (per seed), predicted, pairs |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         seeds = ", ".join(f"{e:+.2f}" for e in row["rank_elasticity_per_seed"])
         print(
             f"| {row['cell']} | {row['seeds']} | {row['shrunk_percentile']:.2f} ({row['shrunk_moves']}) | "
             f"{row['grown_percentile']:.2f} ({row['grown_moves']}) | {row['reversal_share']:.2f} "
-            f"| {row['rank_elasticity']:+.2f} ({seeds}) |"
+            f"| {row['rank_elasticity']:+.2f} ({seeds}) | {_randomised_cell(row)} |"
         )
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "decision_churn.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,6 +1,8 @@
 """Dynamic HyDRA: decision timing, capped moves, the performance model, and whole runs with many decisions."""
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hydra_rank.errors import ConfigError
 from hydra_rank.inputs import load_model
 from hydra_rank.rank.allocate import allocate, move_towards
 from hydra_rank.rank.budget import Allocation, Budget, discover_targets, uniform_budget
+from hydra_rank.rank.explore import explore
 from hydra_rank.rank.perf_model import PerfModel, spearman
 from hydra_rank.rank.scheduler import decision_steps
 from hydra_rank.train import run
@@ -48,6 +51,30 @@ def test_capped_moves_go_towards_the_target_within_budget(seed, fraction):
         assert low <= moved.ranks[t.name] <= high  # never past the target, never away from it
     if fraction == 1.0 or cap >= budget.total:
         assert moved.params(targets) >= start.params(targets) - max(t.cost for t in targets) * budget.granularity
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**16), st.floats(0.01, 0.5), st.sampled_from([0, 1]))
+def test_exploration_exchanges_rank_between_random_equal_cost_pairs(seed, share, min_rank):
+    rng = np.random.default_rng(seed)
+    targets = make_targets(4, [(8, 16), (16, 8), (8, 8)])  # q and k cost the same per rank: pairs may cross kinds
+    budget = Budget(uniform_budget(targets, 4), min_rank=min_rank, max_rank=10)
+    start = allocate(targets, concave_utilities(targets, 10, rng), budget)
+    new, pairs = explore(start, targets, budget, share, torch.Generator().manual_seed(seed))
+    assert new.params(targets) == start.params(targets)  # the budget holds exactly
+    assert new.moved_params(start, targets) <= share * budget.total
+    costs = {t.name: t.cost for t in targets}
+    for giver, receiver, delta in pairs:
+        assert costs[giver] == costs[receiver] and 1 <= delta <= max(
+            1, min(start.ranks[giver], start.ranks[receiver]) // 2
+        )
+        assert new.ranks[giver] == start.ranks[giver] - delta >= 1
+        assert new.ranks[receiver] == start.ranks[receiver] + delta <= budget.max_rank
+    changed = {n for n in new.ranks if new.ranks[n] != start.ranks[n]}
+    assert changed == {name for pair in pairs for name in pair[:2]} and len(changed) == 2 * len(pairs)
+    assert pairs or share * budget.total < 2 * min(costs.values())  # something moves unless nothing fits
+    again = explore(start, targets, budget, share, torch.Generator().manual_seed(seed))
+    assert again[1] == pairs  # the generator decides everything
 
 
 def test_perf_model_recovers_a_known_gain_law():
@@ -85,13 +112,14 @@ def test_perf_model_utilities_are_concave_and_start_at_zero():
 
 @pytest.fixture(scope="module")
 def hydra_runs(tiny_llava_dir, tmp_path_factory):
-    """The same many-decision run twice (for determinism), with the budget asserted after every step."""
+    """The same many-decision run twice (for determinism), with the budget asserted after every step, both with
+    randomised rank perturbation on top of the scheduler's moves (`schedule.explore`)."""
     from .conftest import write_colour_dataset
 
     root = tmp_path_factory.mktemp("hydra")
     dataset = write_colour_dataset(root / "data", count=16)
     results = []
-    for name, margin in (("a", 0.2), ("b", 0.2), ("stubborn", 1e9)):
+    for name, margin, share in (("a", 0.2, 0.1), ("b", 0.2, 0.1), ("stubborn", 1e9, 0.0)):
         config = tiny_config(tiny_llava_dir, dataset, root / name, max_steps=12, grad_accum=2, debug_checks=True)
         config.adapter.method = "hydra"
         config.adapter.max_rank = 6
@@ -102,6 +130,7 @@ def hydra_runs(tiny_llava_dir, tmp_path_factory):
             signal_steps=1,
             max_move_fraction=0.3,
             margin=margin,
+            explore=share,
         )
         results.append((config, run(config, show_progress=False)))
     return results
@@ -125,10 +154,19 @@ def test_margin_stops_exchanges_that_do_not_pay(hydra_runs):
     for result, exchanges in ((moving, True), (stubborn, False)):
         history = read_jsonl(result.output_dir / "allocation_history.jsonl")
         shrinks = [
-            any(now["ranks"][n] < before["ranks"][n] for n in now["ranks"])
+            any(rank < before["ranks"][n] for n, rank in _planned_ranks(now).items())
             for before, now in itertools.pairwise(history)
         ]
         assert any(shrinks) is exchanges
+
+
+def _planned_ranks(entry: dict) -> dict[str, int]:
+    """A decision's ranks as the scheduler planned them, before the exploration's exchanges."""
+    ranks = dict(entry["ranks"])
+    for giver, receiver, delta in entry.get("explored", []):
+        ranks[giver] += delta
+        ranks[receiver] -= delta
+    return ranks
 
 
 def test_budget_holds_at_every_step_across_many_decisions(hydra_runs):
@@ -142,11 +180,39 @@ def test_budget_holds_at_every_step_across_many_decisions(hydra_runs):
     assert result.metrics["max_trainable_params"] <= budget
     distinct = {tuple(entry["ranks"].values()) for entry in history}
     assert len(distinct) > 2  # ranks really moved
-    assert all(entry["moved_params"] <= 0.3 * budget + 1 for entry in history[1:])  # capped after the first
+    cap = (0.3 + 0.1) * budget + 1  # the scheduler's moves, then the exploration's
+    assert all(entry["moved_params"] <= cap for entry in history[1:])  # capped after the first
     assert sum(entry["resized_modules"] for entry in history) > 0
     later = [entry for entry in history if "spearman" in entry]
     assert len(later) == len(history) - 1 and all(-1 <= entry["spearman"] <= 1 for entry in later)
     assert result.metrics["decisions"] == 11 and result.metrics["scheduler_time_s"] > 0
+
+
+def test_exploration_is_logged_as_pairs_the_rank_response_reads(hydra_runs):
+    """Every decision but the last perturbs pairs of modules on top of its plan; the ranks it logs include them, and
+    benchmarks/decision_churn.py turns them into (measured, predicted, log-rank shift) rows, one per pair."""
+    _, result = hydra_runs[0]
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert all("explored" in entry for entry in history[:-1]) and "explored" not in history[-1]
+    assert sum(len(entry["explored"]) for entry in history[:-1]) >= len(history) - 1  # (a draw may find no pair)
+    assert "warmup_realised" in history[0]
+    for entry in history[:-1]:
+        for giver, receiver, delta in entry["explored"]:
+            planned = entry["explored_planned_prediction"]
+            assert planned[giver] > 0 and planned[receiver] > 0 and delta >= 1
+    churn = _load_benchmark("decision_churn")
+    rows = churn.perturbed_pairs(history)
+    assert len(rows) == sum(len(entry["explored"]) for entry in history[:-1])
+    assert np.all(rows[:, 2] > 0) and np.all(np.isfinite(rows))
+    response = churn.randomised_response(rows)
+    assert response["low"] <= response["measured"] <= response["high"]
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_decisions_are_deterministic_for_a_seed(hydra_runs):

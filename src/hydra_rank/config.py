@@ -124,6 +124,9 @@ class ScheduleConfig:
     # what the decisions' utility curves measure: gradient (the sketched gradient energy rank r captures, the same
     # measure as the calibration) | held_out (what each singular direction of the update holds on a fresh batch)
     curves: str = "gradient"
+    # measurement, not a method setting: at every decision but the last, this share of the budget is exchanged
+    # between random pairs of equal-cost modules after the scheduler's own move (`rank/explore.py`); 0: off
+    explore: float = 0.0
 
     @property
     def needs_probe(self) -> bool:
@@ -318,6 +321,7 @@ def validate(config: RunConfig) -> RunConfig:
         _require(0 < getattr(sc, key) <= 1, f"schedule.{key} must be in (0, 1], got {getattr(sc, key)}")
     _require(sc.warmup_fraction <= sc.freeze_fraction, "schedule.warmup_fraction must not exceed freeze_fraction")
     _require(sc.margin >= 0, f"schedule.margin must be >= 0, got {sc.margin}")
+    _require(0 <= sc.explore < 1, f"schedule.explore must be in [0, 1), got {sc.explore}")
     _require(
         sc.attribution in ATTRIBUTIONS, f"schedule.attribution must be one of {ATTRIBUTIONS}, got {sc.attribution!r}"
     )

@@ -18,6 +18,8 @@ either from a fresh probe batch at the decision instead (`probe.py`, ablations).
    the receiving module's predicted gain per parameter beats what the giving module loses by the factor 1 + `margin`
    (the first decision after a uniform warm-up moves freely: it *is* the initial hierarchical allocation, made by a
    model already fitted on what every module realised during the warm-up);
+   (with `schedule.explore`, a measurement: then exchanges a further share at random between equal-cost modules,
+   `explore.py`);
 4. resizes the affected adapters in place (`resize.py`) and tells the loop to re-bind the optimizer;
 5. appends the decision to `allocation_history.jsonl`.
 
@@ -41,6 +43,7 @@ from ..errors import ConfigError, InvariantError
 from ..utils import JsonlWriter, unwrap_optimizer
 from .allocate import allocate, move_towards
 from .budget import Allocation, Budget, Target
+from .explore import explore
 from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
 from .probe import IntervalProbe, direction_values, value_curves
@@ -240,6 +243,7 @@ class HydraScheduler:
             self.perf_model.fit(features, self.realised.copy(), active=predicted > 0)
             entry["fitted_on_warmup"] = True
             entry["realised_gain"] = float(self.realised.sum())
+            entry["warmup_realised"] = self.realised.tolist()  # per module: the interval before the first decision
         self.realised[:] = 0.0
         utilities = dict(zip(self.names, self.perf_model.utilities(curves), strict=True))
         self.seconds["perf_model"] += time.perf_counter() - tick
@@ -259,6 +263,11 @@ class HydraScheduler:
                 self.config.max_move_fraction * self.budget.total,
                 self.config.margin,
             )
+        if self.config.explore and step != self.decisions[-1]:  # the last decision's ranks are never measured
+            planned = dict(zip(self.names, self._predict(curves, new)[1].tolist(), strict=True))
+            new, pairs = explore(new, self.targets, self.budget, self.config.explore, self.generator)
+            entry["explored"] = pairs  # [giver, receiver, δ]: exchanges on top of the planned ranks
+            entry["explored_planned_prediction"] = {name: planned[name] for pair in pairs for name in pair[:2]}
         self.seconds["allocate"] += time.perf_counter() - tick
 
         new = _agree(new)
