@@ -13,7 +13,8 @@ of the module's energy curve; about 0 says a module's gain in the next interval 
 same response without the selection bias of (3), from runs with `schedule.explore` (rank/explore.py): every
 randomly perturbed pair's log realised gain difference (receiver minus giver, the interval after the decision minus
 the one before) over its log rank difference from the perturbation alone; the coin that picks the receiver makes
-every other term average out. Beside it, the response the performance model predicted for the same perturbations.
+every other term average out. Beside it, the same over the interval after that (whatever the next decision did with
+the pair), and the response the performance model predicted for the same perturbations.
 
     .venv/bin/python benchmarks/decision_churn.py benchmarks/results/text-tasks-r2 benchmarks/results/scenes-r4 ...
 
@@ -77,41 +78,47 @@ def _log_gains(realised: list[float]) -> np.ndarray:
 
 
 def perturbed_pairs(entries: list[dict]) -> np.ndarray:
-    """Rows (measured log-gain difference, predicted log-gain difference, log rank difference from the perturbation)
-    for every pair `schedule.explore` perturbed, receiver minus giver."""
+    """Rows (measured log-gain difference over the next interval, the same over the one after it, the difference
+    the performance model predicted for the next interval, log-rank difference from the perturbation) for every pair
+    `schedule.explore` perturbed, receiver minus giver, each against the interval before the decision. The second
+    interval counts whatever the next decision did with the pair (intent to treat); NaN where there is none."""
+    first = entries[0].get("warmup_realised") or entries[0].get("per_module", {}).get("realised")
+    gains = [None if first is None else _log_gains(first)]
+    gains += [_log_gains(entry["per_module"]["realised"]) for entry in entries[1:]]  # gains[k]: before decision k
     rows = []
-    for index, (entry, following) in enumerate(itertools.pairwise(entries)):
-        if not entry.get("explored"):
+    for index, entry in enumerate(entries[:-1]):
+        if not entry.get("explored") or gains[index] is None:
             continue
         names = list(entry["ranks"])
-        before = _log_gains(entry["per_module"]["realised"] if index else entry["warmup_realised"])
-        after = _log_gains(following["per_module"]["realised"])
-        predicted = np.log(np.maximum(following["per_module"]["predicted"], 1e-30))
+        before, after = gains[index], gains[index + 1]
+        later = gains[index + 2] if index + 2 < len(gains) else np.full(len(names), np.nan)
+        predicted = np.log(np.maximum(entries[index + 1]["per_module"]["predicted"], 1e-30))
         planned = entry["explored_planned_prediction"]
         for giver, receiver, delta in entry["explored"]:
             g, r = names.index(giver), names.index(receiver)
             rank_g, rank_r = entry["ranks"][giver], entry["ranks"][receiver]
-            measured = (after[r] - after[g]) - (before[r] - before[g])
+            baseline = before[r] - before[g]
             model = (predicted[r] - np.log(planned[receiver])) - (predicted[g] - np.log(planned[giver]))
             shift = np.log(rank_r / (rank_r - delta)) - np.log(rank_g / (rank_g + delta))
-            rows.append((measured, model, shift))
-    return np.array(rows).reshape(-1, 3)
+            rows.append((after[r] - after[g] - baseline, later[r] - later[g] - baseline, model, shift))
+    return np.array(rows).reshape(-1, 4)
 
 
 def randomised_response(rows: np.ndarray, draws: int = 2000) -> dict[str, float] | None:
-    """Measured and predicted elasticity (Σ log-gain differences / Σ log-rank differences) with a bootstrap 90 %
-    interval over pairs for the measured one; None without perturbed pairs."""
+    """Measured (next interval, with a bootstrap 90 % interval over pairs; and the interval after) and predicted
+    elasticity, each Σ log-gain differences / Σ log-rank differences; None without perturbed pairs."""
     if not len(rows):
         return None
-    ratio = rows[:, :2].sum(axis=0) / rows[:, 2].sum()
+    measured, later, predicted, shift = rows.T
     picks = np.random.default_rng(0).integers(0, len(rows), size=(draws, len(rows)))
-    boot = rows[picks, 0].sum(axis=1) / rows[picks, 2].sum(axis=1)
-    low, high = np.quantile(boot, [0.05, 0.95])
+    low, high = np.quantile(measured[picks].sum(axis=1) / shift[picks].sum(axis=1), [0.05, 0.95])
+    known = np.isfinite(later)
     return {
-        "measured": float(ratio[0]),
+        "measured": float(measured.sum() / shift.sum()),
         "low": float(low),
         "high": float(high),
-        "predicted": float(ratio[1]),
+        "second_interval": float(later[known].sum() / shift[known].sum()) if known.any() else float("nan"),
+        "predicted": float(predicted.sum() / shift.sum()),
         "pairs": len(rows),
     }
 
@@ -160,7 +167,7 @@ def _randomised_cell(row: dict) -> str:
     seeds = ", ".join(f"{r['measured']:+.2f}" if r else "—" for r in row["randomised_per_seed"])
     return (
         f"{pooled['measured']:+.2f} [{pooled['low']:+.2f}, {pooled['high']:+.2f}] ({seeds}), "
-        f"{pooled['predicted']:+.2f}, {pooled['pairs']}"
+        f"{pooled['second_interval']:+.2f}, {pooled['predicted']:+.2f}, {pooled['pairs']}"
     )
 
 
@@ -174,7 +181,8 @@ def main() -> None:
     rows = [cell_row(cell) for cell in args.cells]
     print(
         "| cell | seeds | shrunk: realised percentile (moves) | grown: realised percentile (moves) | undone next "
-        "| gain elasticity to rank (per seed) | randomised: measured [90 %] (per seed), predicted, pairs |"
+        "| gain elasticity to rank (per seed) "
+        "| randomised: measured [90 %] (per seed), interval after, predicted, pairs |"
     )
     print("|---|---|---|---|---|---|---|")
     for row in rows:

@@ -203,7 +203,8 @@ def test_exploration_is_logged_as_pairs_the_rank_response_reads(hydra_runs):
     churn = _load_benchmark("decision_churn")
     rows = churn.perturbed_pairs(history)
     assert len(rows) == sum(len(entry["explored"]) for entry in history[:-1])
-    assert np.all(rows[:, 2] > 0) and np.all(np.isfinite(rows))
+    assert np.all(rows[:, 3] > 0) and np.all(np.isfinite(rows[:, [0, 2, 3]]))
+    assert np.isfinite(rows[:-1, 1]).any() and np.isnan(rows[-1, 1])  # the last pair has no second interval
     response = churn.randomised_response(rows)
     assert response["low"] <= response["measured"] <= response["high"]
 
