@@ -135,9 +135,10 @@ def cell_row(cell: Path) -> dict:
     """One benchmark cell (committed: runs/hydra-seed<k>/; a bench's own output: hydra-seed<k>/): every HyDRA test
     seed's history pooled."""
     pattern = "hydra-seed*/allocation_history.jsonl"
-    runs = sorted([*cell.glob(f"runs/{pattern}"), *cell.glob(pattern)])
+    found = sorted([*cell.glob(f"runs/{pattern}"), *cell.glob(pattern)])
+    runs = [path for path in found if (path.parent / "metrics.json").is_file()]  # finished runs only
     if not runs:
-        raise SystemExit(f"{cell}: no [runs/]{pattern} (is it a bench folder?)")
+        raise SystemExit(f"{cell}: no finished [runs/]{pattern} (is it a bench folder?)")
     histories = [read_jsonl(path) for path in runs]
     parts = [churn(history) for history in histories]
     responses = [rank_response(history) for history in histories]
