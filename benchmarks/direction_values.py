@@ -9,7 +9,11 @@ its evaluation questions; the trapezoid from no update to ΔW,
 `rank/probe.py:direction_values`). Per run it reports, across modules, how the level (all directions) and the
 margin (the last direction: what the module's last unit of rank holds) are spread, and how well the one ranks the
 other (Spearman). A low correlation says allocating by level gives rank to modules whose last unit is not the most
-valuable.
+valuable. For an adapter whose ranks differ between modules it also reports the run-long response of a module's
+worth to its rank: the slope of log level on log rank among modules of equal cost per rank. That slope means
+something causal only where the ranks were assigned at random (`control-shuffled`: a calibrated allocation's ranks
+shuffled among equal-cost modules), the counterpart, over a whole run, of `decision_churn.py`'s randomised
+per-interval response.
 
     .venv/bin/python benchmarks/direction_values.py RUN_DIR [RUN_DIR ...] [--batches 4]
 
@@ -62,6 +66,25 @@ def run_values(run: Path, batches: int) -> tuple[list[Target], dict[str, np.ndar
     return targets, totals
 
 
+def rank_response(targets: list[Target], values: dict[str, np.ndarray], draws: int = 2000) -> dict | None:
+    """Slope of log level (floored at 1e-3 of the median, as the performance model floors gains) on log rank, both
+    demeaned within groups of equal cost per rank, with a bootstrap 90 % interval over modules; None if every
+    module has the same rank."""
+    scored = [t for t in targets if t.name in values]
+    ranks = np.array([len(values[t.name]) for t in scored], dtype=np.float64)
+    level = np.array([values[t.name].sum() for t in scored])
+    x = np.log(ranks)
+    y = np.log(np.maximum(level, 1e-3 * float(np.median(np.abs(level)))))
+    groups = np.unique([t.cost for t in scored], return_inverse=True)[1]
+    for a in (x, y):
+        a -= (np.bincount(groups, a) / np.bincount(groups))[groups]
+    if not (x**2).sum() > 1e-12:
+        return None
+    picks = np.random.default_rng(0).integers(0, len(x), size=(draws, len(x)))
+    low, high = np.quantile((x[picks] * y[picks]).sum(axis=1) / (x[picks] ** 2).sum(axis=1), [0.05, 0.95])
+    return {"slope": float((x * y).sum() / (x**2).sum()), "low": float(low), "high": float(high)}
+
+
 def summary(targets: list[Target], values: dict[str, np.ndarray]) -> dict:
     names = [t.name for t in targets if t.name in values]
     level = np.array([values[n].sum() for n in names])
@@ -78,6 +101,7 @@ def summary(targets: list[Target], values: dict[str, np.ndarray]) -> dict:
         "first_share": float(first.sum() / level.sum()),
         "negative_margins": int((margin < 0).sum()),
         "spearman_level_margin": spearman(level, margin),
+        "rank_response": rank_response(targets, values),
         "by_kind": {
             k: {"level": float(np.mean([a for a, _ in v])), "margin": float(np.mean([b for _, b in v]))}
             for k, v in sorted(kinds.items())
@@ -98,13 +122,15 @@ def main() -> None:
         rows[str(run)] = {**summary(targets, values), "values": {n: v.tolist() for n, v in values.items()}}
     print(
         "| run | modules | held-out loss decrease | first direction's share | last direction's share "
-        "| last direction < 0 | Spearman(level, last) |"
+        "| last direction < 0 | Spearman(level, last) | level's response to rank [90 %] |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for run, row in rows.items():
+        response = row["rank_response"]
+        slope = "— (one rank)" if response is None else "{slope:+.2f} [{low:+.2f}, {high:+.2f}]".format(**response)
         print(
             f"| {run} | {row['modules']} | {row['level_sum']:.4f} | {row['first_share']:.2f} | "
-            f"{row['margin_share']:.2f} | {row['negative_margins']} | {row['spearman_level_margin']:+.2f} |"
+            f"{row['margin_share']:.2f} | {row['negative_margins']} | {row['spearman_level_margin']:+.2f} | {slope} |"
         )
     for run, row in rows.items():
         kinds = ", ".join(f"{k} {v['level']:.2e}/{v['margin']:.2e}" for k, v in row["by_kind"].items())
