@@ -52,6 +52,12 @@ def churn(entries: list[dict]) -> dict[str, list[float] | int]:
     return {"shrunk": shrunk, "grown": grown, "moved": moved, "reversed": reversed_}
 
 
+def _log_gains(realised: list[float]) -> np.ndarray:
+    """Log realised gains, floored as the performance model floors them."""
+    values = np.asarray(realised)
+    return np.log(np.maximum(values, max(1e-12, 1e-3 * float(np.median(np.abs(values))))))
+
+
 def rank_response(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(log rank, log realised gain) per interval x module, both with module and interval means removed (two-way
     fixed effects); NaN where a module had rank 0. Gains are floored as the performance model floors them."""
@@ -59,22 +65,14 @@ def rank_response(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     logs, gains = [], []
     for previous, current in itertools.pairwise(entries):
         ranks = np.array([previous["ranks"][name] for name in names], dtype=np.float64)
-        realised = np.array(current["per_module"]["realised"])
-        floor = max(1e-12, 1e-3 * float(np.median(np.abs(realised))))
         logs.append(np.where(ranks > 0, np.log(np.maximum(ranks, 1)), np.nan))
-        gains.append(np.where(ranks > 0, np.log(np.maximum(realised, floor)), np.nan))
+        gains.append(np.where(ranks > 0, _log_gains(current["per_module"]["realised"]), np.nan))
     x, y = np.array(logs), np.array(gains)
     for _ in range(100):  # alternating projections converge to the two-way demeaned values
         for a in (x, y):
             a -= np.nanmean(a, axis=1, keepdims=True)
             a -= np.nanmean(a, axis=0, keepdims=True)
     return x, y
-
-
-def _log_gains(realised: list[float]) -> np.ndarray:
-    """Log realised gains, floored as the performance model floors them."""
-    values = np.asarray(realised)
-    return np.log(np.maximum(values, max(1e-12, 1e-3 * float(np.median(np.abs(values))))))
 
 
 def perturbed_pairs(entries: list[dict]) -> np.ndarray:
