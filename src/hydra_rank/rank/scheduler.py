@@ -11,7 +11,8 @@ from its own parameter updates (optimizer hooks); `schedule.curves: held_out` an
 either from a fresh probe batch at the decision instead (`probe.py`, ablations). At a decision the scheduler
 
 1. scores the previous decision's predictions against what was realised (Spearman across modules) and refits the
-   performance model on it (`perf_model.py`);
+   performance model on it (`perf_model.py`); with `schedule.curves: worth` the model is instead each module's
+   held-out worth on a probe batch, scaled to other ranks by the response measured on randomised ranks (`probe.py`);
 2. predicts every module's gain at every rank and solves the hierarchical allocation (coarse: layer budgets, fine:
    module ranks; `allocate.py`) under the same parameter budget;
 3. moves from the current ranks towards that allocation, at most `max_move_fraction` of the budget, and only where
@@ -46,7 +47,7 @@ from .budget import Allocation, Budget, Target
 from .explore import explore
 from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
-from .probe import IntervalProbe, direction_values, value_curves
+from .probe import RANK_ELASTICITY, IntervalProbe, direction_values, value_curves, worth_curves
 from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
@@ -110,6 +111,8 @@ class HydraScheduler:
         self.layers = lora_layers(model)
         self.names = [t.name for t in targets]
         self.realised = np.zeros(len(targets))
+        self.rank_steps = np.zeros(len(targets))  # Σ over the steps trained so far of each module's rank
+        self.ranked_until = 0  # the step up to which rank_steps counts
         self.sketches: SketchHooks | None = None
         self.pending: tuple[np.ndarray, np.ndarray] | None = None  # features and predictions of the last decision
         if initial_spectra is not None:
@@ -134,6 +137,8 @@ class HydraScheduler:
         """Measure every optimizer step's first-order loss change per module, −⟨grad, Δθ⟩ over its A and B (with
         `schedule.attribution: probe`, open the first interval instead: the probe measures it at its end)."""
         self.optimizer = optimizer
+        if self.config.curves == "worth":  # the worth curves replace the performance model: nothing to attribute
+            return
         if self.probe is not None:
             if not self.probe.start_factors:  # a resumed run's interval start comes from its checkpoint
                 self.probe.start()
@@ -207,23 +212,37 @@ class HydraScheduler:
         self.sketches = None
         return self._curves(spectra)
 
-    def _held_out_curves(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        """Every module's utility at every rank from what its update's directions hold on the probe batch."""
+    def _direction_values(self, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """What each singular direction of every module's update holds on the probe batch."""
         tick = time.perf_counter()
         layers = [self.layers[name] for name in self.names]
         values = direction_values(self.model, layers, batch, self.probe_source[1])
         self.seconds["attribution"] += time.perf_counter() - tick
-        return value_curves(values, self.budget.max_rank)
+        return values
 
-    def _decide(self, step: int, record: dict[str, Any]) -> bool:
-        started = time.perf_counter()
-        probe_batch = self.probe_source[0](step) if self.probe_source else None  # drawn once, for both signals
-        held_out = self.config.curves == "held_out"
-        curves = self._held_out_curves(probe_batch) if held_out else self._sketched_curves(step)
-        entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
+    def _accrue_ranks(self, step: int) -> None:
+        """Count the steps since the last decision at the ranks they trained with."""
+        ranks = np.array([self.allocation.ranks[name] for name in self.names], dtype=np.float64)
+        self.rank_steps += ranks * (step - self.ranked_until)
+        self.ranked_until = step
+
+    def _worth_utilities(self, batch: dict[str, torch.Tensor], entry: dict[str, Any]) -> dict[str, np.ndarray]:
+        """`schedule.curves: worth`: every module's worth at every rank, from what its update holds on the probe
+        batch and the rank it has held on average (`probe.worth_curves`)."""
+        values = self._direction_values(batch)
+        mean_ranks = self.rank_steps / max(self.ranked_until, 1)
+        entry.update(worth=[float(v.sum()) for v in values], mean_ranks=mean_ranks.tolist())
+        entry["elasticity"] = RANK_ELASTICITY
+        return dict(zip(self.names, worth_curves(values, mean_ranks, self.budget.max_rank), strict=True))
+
+    def _model_utilities(
+        self, curves: np.ndarray, batch: dict[str, torch.Tensor] | None, entry: dict[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """Score the last decision's predictions, refit the performance model on what the interval realised, and
+        predict every module's gain at every rank from `curves`."""
         if self.probe is not None:
             tick = time.perf_counter()
-            self.realised = self.probe.gains(self.model, probe_batch, self.probe_source[1])
+            self.realised = self.probe.gains(self.model, batch, self.probe_source[1])
             self.seconds["attribution"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -245,8 +264,32 @@ class HydraScheduler:
             entry["realised_gain"] = float(self.realised.sum())
             entry["warmup_realised"] = self.realised.tolist()  # per module: the interval before the first decision
         self.realised[:] = 0.0
+        entry["perf_model"] = self.perf_model.describe()
         utilities = dict(zip(self.names, self.perf_model.utilities(curves), strict=True))
         self.seconds["perf_model"] += time.perf_counter() - tick
+        return utilities
+
+    def _planned(
+        self, curves: np.ndarray | None, utilities: dict[str, np.ndarray], allocation: Allocation
+    ) -> dict[str, float]:
+        """Every module's predicted gain at its rank in `allocation` (worth curves: its predicted worth)."""
+        if curves is None:
+            return {name: float(utilities[name][allocation.ranks[name]]) for name in self.names}
+        return dict(zip(self.names, self._predict(curves, allocation)[1].tolist(), strict=True))
+
+    def _decide(self, step: int, record: dict[str, Any]) -> bool:
+        started = time.perf_counter()
+        probe_batch = self.probe_source[0](step) if self.probe_source else None  # drawn once, for both signals
+        entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
+        self._accrue_ranks(step)
+        if self.config.curves == "worth":  # no curves for the performance model: the worth curves replace it
+            curves, utilities = None, self._worth_utilities(probe_batch, entry)
+        else:
+            if self.config.curves == "held_out":
+                curves = value_curves(self._direction_values(probe_batch), self.budget.max_rank)
+            else:
+                curves = self._sketched_curves(step)
+            utilities = self._model_utilities(curves, probe_batch, entry)
 
         tick = time.perf_counter()
         target = allocate(self.targets, utilities, self.budget, self.mode)
@@ -264,7 +307,7 @@ class HydraScheduler:
                 self.config.margin,
             )
         if self.config.explore and step != self.decisions[-1]:  # the last decision's ranks are never measured
-            planned = dict(zip(self.names, self._predict(curves, new)[1].tolist(), strict=True))
+            planned = self._planned(curves, utilities, new)
             new, pairs = explore(new, self.targets, self.budget, self.config.explore, self.generator)
             entry["explored"] = pairs  # [giver, receiver, δ]: exchanges on top of the planned ranks
             entry["explored_planned_prediction"] = {name: planned[name] for pair in pairs for name in pair[:2]}
@@ -279,17 +322,16 @@ class HydraScheduler:
 
         moved = new.moved_params(self.allocation, self.targets)
         self.allocation = new
-        self.pending = self._predict(curves, new)
+        self.pending = None if curves is None else self._predict(curves, new)
         self.decisions_made += 1
         entry.update(
             ranks=new.ranks,
-            predicted_gain=float(self.pending[1].sum()),
+            predicted_gain=sum(self._planned(curves, utilities, new).values()),
             used_params=new.params(self.targets),
             budget_params=self.budget.total,
             moved_params=moved,
             resized_modules=len(resized),
             dropped_energy=float(sum(r.dropped_energy for r in resized)),
-            perf_model=self.perf_model.describe(),
             seconds=time.perf_counter() - started,
         )
         if self.history is not None:
@@ -305,6 +347,8 @@ class HydraScheduler:
             "allocation_info": json.dumps(self.allocation.info),
             "perf_model": self.perf_model.state_dict(),
             "realised": as_tensor(self.realised),
+            "rank_steps": as_tensor(self.rank_steps),
+            "ranked_until": self.ranked_until,
             "pending": None if self.pending is None else tuple(as_tensor(a) for a in self.pending),
             "decisions_made": self.decisions_made,
             "spearmans": list(self.spearmans),
@@ -319,6 +363,8 @@ class HydraScheduler:
         self.allocation = Allocation(dict(state["ranks"]), self.budget.total, json.loads(state["allocation_info"]))
         self.perf_model.load_state_dict(state["perf_model"])
         self.realised = state["realised"].numpy().copy()
+        if "rank_steps" in state:  # checkpoints written before schedule.curves worth existed have none (unused there)
+            self.rank_steps, self.ranked_until = state["rank_steps"].numpy().copy(), int(state["ranked_until"])
         self.pending = None if state["pending"] is None else tuple(a.numpy() for a in state["pending"])
         self.decisions_made = int(state["decisions_made"])
         self.spearmans = list(state["spearmans"])
