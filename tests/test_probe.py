@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hydra_rank.rank.lora import ADAPTER, lora_layers
-from hydra_rank.rank.probe import IntervalProbe, direction_values, value_curves
+from hydra_rank.rank.probe import RANK_ELASTICITY, IntervalProbe, direction_values, value_curves, worth_curves
 
 
 def causal_loss(model, batch):
@@ -100,3 +100,18 @@ def test_value_curves_keep_measured_directions_and_extrapolate_by_the_pooled_dec
     assert curves[1, 1] == pytest.approx(0.3) and curves[1, 4] == pytest.approx(0.3, abs=1e-5)
     assert curves[3, 2] == pytest.approx(0.1 + 0.1 * decay)
     assert np.all(curves[:, 0] == 0) and np.all(np.diff(curves, axis=1) > 0)
+
+
+def test_worth_curves_scale_what_a_module_holds_by_the_measured_response():
+    """At the rank a module held on average its curve is what its update holds now; doubling the rank multiplies it
+    by 2^β; a module whose update hurts counts as a tiny positive worth; every curve starts at 0, rises, is concave."""
+    import numpy as np
+
+    values = [np.array([0.3, 0.1]), np.array([0.2, -0.3]), np.array([0.5, 0.2, 0.1, 0.0])]
+    curves = worth_curves(values, np.array([2.0, 2.0, 3.0]), 8)
+    assert curves[0, 2] == pytest.approx(0.4) and curves[2, 3] == pytest.approx(0.8)
+    assert curves[0, 4] / curves[0, 2] == pytest.approx(2**RANK_ELASTICITY)
+    assert curves[1, 8] < 1e-5 * curves[0, 1]
+    increments = np.diff(curves, axis=1)
+    assert np.all(curves[:, 0] == 0) and np.all(increments > 0) and np.all(np.diff(increments, axis=1) <= 0)
+    assert 0 < RANK_ELASTICITY < 1  # concave curves: the allocator's greedy is optimal only for those

@@ -325,3 +325,36 @@ def test_held_out_signals_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp
     again = read_jsonl(resumed.output_dir / "allocation_history.jsonl")
     assert again[-1]["ranks"] == history[-1]["ranks"]
     assert again[-1]["per_module"]["realised"] == history[-1]["per_module"]["realised"]
+
+
+def test_worth_curves_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp_path):
+    """`schedule.curves: worth` decides from each module's held-out worth and the rank it held on average so far (the
+    step-weighted mean of its ranks since step 0), with no performance model to fit; a run resumed from a checkpoint
+    between decisions (step 5, decisions at 2, 4, 6) carries those rank-steps and decides exactly as the
+    uninterrupted one."""
+    from .conftest import write_colour_dataset
+
+    dataset = write_colour_dataset(tmp_path / "data", count=16)
+    config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True, checkpoint_every=5)
+    config.adapter.method, config.adapter.max_rank = "hydra", 6
+    config.schedule = ScheduleConfig(warmup_fraction=0.25, interval_fraction=0.25, curves="worth")
+    result = run(config, show_progress=False)
+    history = read_jsonl(result.output_dir / "allocation_history.jsonl")
+    assert [entry["step"] for entry in history] == [2, 4, 6]
+    assert all(entry["used_params"] <= result.metrics["budget_params"] for entry in history)
+    names, rank0 = list(history[0]["ranks"]), config.adapter.rank
+    assert history[0]["mean_ranks"] == dict.fromkeys(names, rank0) and set(history[0]["worth"]) == set(names)
+    for name in names:  # steps 1-2 at r0, 3-4 at the first decision's ranks
+        expected = (2 * rank0 + 2 * history[0]["ranks"][name]) / 4
+        assert history[1]["mean_ranks"][name] == pytest.approx(expected)
+    assert history[0]["ranks"] != dict.fromkeys(names, rank0)  # the worth moved rank
+    assert not any("spearman" in entry or "perf_model" in entry for entry in history)
+    assert result.metrics["sketch_time_s"] == 0 and result.metrics["attribution_time_s"] > 0
+    assert (result.output_dir / "rank_over_time.png").is_file()
+    assert not (result.output_dir / "predictions.png").exists()  # no performance model: nothing predicted to plot
+    losses = [record["loss"] for record in read_jsonl(result.output_dir / "log.jsonl")]
+    resumed = run(config, resume=True, show_progress=False)
+    assert resumed.metrics["resumed_from_step"] == 5
+    assert [record["loss"] for record in read_jsonl(resumed.output_dir / "log.jsonl")] == losses
+    again = read_jsonl(resumed.output_dir / "allocation_history.jsonl")
+    assert again[-1]["ranks"] == history[-1]["ranks"] and again[-1]["mean_ranks"] == history[-1]["mean_ranks"]

@@ -128,7 +128,8 @@ def hydra_figures(run_dir: Path) -> list[tuple[str, Path]]:
         return []
     history = read_jsonl(history_path)
     plot_rank_over_time(history, run_dir / "rank_over_time.png")
-    plot_predictions(history, run_dir / "predictions.png")
+    if any("per_module" in entry for entry in history):  # schedule.curves worth fits no performance model
+        plot_predictions(history, run_dir / "predictions.png")
     figures = [
         ("ranks at the start (layer x module)", run_dir / "allocation_start.png"),
         ("ranks at the end", run_dir / "allocation.png"),

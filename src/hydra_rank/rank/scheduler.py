@@ -231,7 +231,8 @@ class HydraScheduler:
         batch and the rank it has held on average (`probe.worth_curves`)."""
         values = self._direction_values(batch)
         mean_ranks = self.rank_steps / max(self.ranked_until, 1)
-        entry.update(worth=[float(v.sum()) for v in values], mean_ranks=mean_ranks.tolist())
+        entry["worth"] = {name: float(v.sum()) for name, v in zip(self.names, values, strict=True)}
+        entry["mean_ranks"] = dict(zip(self.names, mean_ranks.tolist(), strict=True))
         entry["elasticity"] = RANK_ELASTICITY
         return dict(zip(self.names, worth_curves(values, mean_ranks, self.budget.max_rank), strict=True))
 
