@@ -68,7 +68,7 @@ def test_ints_are_accepted_as_floats():
         ({}, ["adapter.rank_scale=linear"], "adapter.rank_scale must be one of ('fixed', 'sqrt')"),
         ({}, ["adapter.spectrum=mean"], "adapter.spectrum must be one of ('stacked', 'coherent')"),
         ({}, ["schedule.attribution=held-out"], "schedule.attribution must be one of ('optimizer', 'probe')"),
-        ({}, ["schedule.curves=values"], "schedule.curves must be one of ('gradient', 'held_out', 'worth')"),
+        ({}, ["schedule.curves=values"], "schedule.curves must be one of ('gradient', 'held_out', 'worth', 'pooled"),
         ({}, ["schedule.curves=worth", "schedule.attribution=probe"], "nothing would read schedule.attribution probe"),
         ({}, ["adapter.spectrum=coherent", "schedule.signal_steps=1"], "schedule.signal_steps must be at least 2"),
         ({}, ["adapter.target_modules=[]"], "adapter.target_modules is empty"),

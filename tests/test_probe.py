@@ -115,3 +115,22 @@ def test_worth_curves_scale_what_a_module_holds_by_the_measured_response():
     increments = np.diff(curves, axis=1)
     assert np.all(curves[:, 0] == 0) and np.all(increments > 0) and np.all(np.diff(increments, axis=1) <= 0)
     assert 0 < RANK_ELASTICITY < 1  # concave curves: the allocator's greedy is optimal only for those
+
+
+def test_pooled_worth_keeps_a_layer_times_kind_pattern_and_averages_away_what_is_not():
+    """Worth that is exactly a layer level times a kind level comes back unchanged from the layer-plus-kind fit (in
+    log space); a single module's deviation from the pattern is mostly averaged away."""
+    import numpy as np
+
+    from hydra_rank.rank.budget import Target
+
+    targets = [Target(f"l{layer}.{kind}", layer, kind, 8, 8) for layer in range(4) for kind in ("q", "v", "up")]
+    layer_level, kind_level = np.array([1.0, 2.0, 0.5, 4.0]), {"q": 1.0, "v": 3.0, "up": 0.2}
+    worth = np.array([layer_level[t.layer] * kind_level[t.kind] for t in targets])
+    ranks = np.full(len(targets), 2.0)
+    values = [np.array([w]) for w in worth]
+    pooled = worth_curves(values, ranks, 4, pool=targets)
+    assert pooled == pytest.approx(worth_curves(values, ranks, 4), rel=1e-9)
+    values[0] = np.array([worth[0] * 16])  # one module 16x off the pattern
+    pooled = worth_curves(values, ranks, 4, pool=targets)
+    assert 1 < pooled[0, 2] / worth[0] < 4 and pooled[0, 2] * 4 < worth_curves(values, ranks, 4)[0, 2]

@@ -327,7 +327,8 @@ def test_held_out_signals_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp
     assert again[-1]["per_module"]["realised"] == history[-1]["per_module"]["realised"]
 
 
-def test_worth_curves_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp_path):
+@pytest.mark.parametrize("curves", ["worth", "pooled_worth"])
+def test_worth_curves_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp_path, curves):
     """`schedule.curves: worth` decides from each module's held-out worth and the rank it held on average so far (the
     step-weighted mean of its ranks since step 0), with no performance model to fit; a run resumed from a checkpoint
     between decisions (step 5, decisions at 2, 4, 6) carries those rank-steps and decides exactly as the
@@ -337,7 +338,7 @@ def test_worth_curves_keep_the_budget_and_resume_exactly(tiny_llava_dir, tmp_pat
     dataset = write_colour_dataset(tmp_path / "data", count=16)
     config = tiny_config(tiny_llava_dir, dataset, tmp_path / "run", max_steps=8, debug_checks=True, checkpoint_every=5)
     config.adapter.method, config.adapter.max_rank = "hydra", 6
-    config.schedule = ScheduleConfig(warmup_fraction=0.25, interval_fraction=0.25, curves="worth")
+    config.schedule = ScheduleConfig(warmup_fraction=0.25, interval_fraction=0.25, curves=curves)
     result = run(config, show_progress=False)
     history = read_jsonl(result.output_dir / "allocation_history.jsonl")
     assert [entry["step"] for entry in history] == [2, 4, 6]

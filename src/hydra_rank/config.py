@@ -35,7 +35,9 @@ EVAL_SPLITS = ("test", "validation")
 SCHEDULE_INITS = ("warmup", "calibrated")
 RANK_SCALES = ("fixed", "sqrt")
 SPECTRA = ("stacked", "coherent")  # what utility curves measure (`rank/signals.py`)
-CURVES = ("gradient", "held_out", "worth")  # what the decisions' utility curves measure (`rank/scheduler.py`)
+# what the decisions' utility curves measure (`rank/scheduler.py`)
+CURVES = ("gradient", "held_out", "worth", "pooled_worth")
+WORTH_CURVES = ("worth", "pooled_worth")  # the curves that replace the fitted performance model
 ATTRIBUTIONS = ("optimizer", "probe")  # what the performance model learns from (`rank/scheduler.py`, `rank/probe.py`)
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -124,7 +126,8 @@ class ScheduleConfig:
     # what the decisions' utility curves measure: gradient (the sketched gradient energy rank r captures, the same
     # measure as the calibration) | held_out (what each singular direction of the update holds on a fresh batch) |
     # worth (the update's whole held-out worth, scaled to other ranks by the response measured on randomised ranks;
-    # replaces the fitted performance model, `rank/probe.py:worth_curves`)
+    # replaces the fitted performance model, `rank/probe.py:worth_curves`) | pooled_worth (the same, each module's
+    # level replaced by a per-layer plus per-kind fit over all modules)
     curves: str = "gradient"
     # measurement, not a method setting: at every decision but the last, this share of the budget is exchanged
     # between random pairs of equal-cost modules after the scheduler's own move (`rank/explore.py`); 0: off
@@ -329,9 +332,9 @@ def validate(config: RunConfig) -> RunConfig:
     )
     _require(sc.curves in CURVES, f"schedule.curves must be one of {CURVES}, got {sc.curves!r}")
     _require(
-        not (sc.curves == "worth" and sc.attribution == "probe"),
-        "schedule.curves worth replaces the performance model, so nothing would read schedule.attribution probe: "
-        "leave attribution at optimizer",
+        not (sc.curves in WORTH_CURVES and sc.attribution == "probe"),
+        f"schedule.curves {sc.curves} replaces the performance model, so nothing would read schedule.attribution "
+        "probe: leave attribution at optimizer",
     )
     _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
     _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")

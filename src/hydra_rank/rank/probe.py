@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
 
     from ..loss import LossFn
+    from .budget import Target
 
 # How a module's held-out worth at the end of a run grows with the rank it trained at: the slope of log worth on log
 # rank among equal-cost modules whose ranks were assigned at random for the whole run (shuffled controls of the text
@@ -217,7 +218,9 @@ def value_curves(values: list[np.ndarray], max_rank: int) -> np.ndarray:
     return curves
 
 
-def worth_curves(values: list[np.ndarray], mean_ranks: np.ndarray, max_rank: int) -> np.ndarray:
+def worth_curves(
+    values: list[np.ndarray], mean_ranks: np.ndarray, max_rank: int, pool: list[Target] | None = None
+) -> np.ndarray:
     """u[m, r] = c_m · r^β for r = 0..max_rank, β = RANK_ELASTICITY: module m's held-out worth had it trained at rank
     r, scaled from W_m, what its update holds now (the sum of its direction values), and r̄_m, the rank it has held on
     average so far: c_m = W_m / r̄_m^β (a module whose update does not help counts as a tiny positive worth).
@@ -227,8 +230,27 @@ def worth_curves(values: list[np.ndarray], mean_ranks: np.ndarray, max_rank: int
     grows with rank about three times as steeply (elasticity 0.76 against 0.25 for a rank-2 adapter's truncation).
     Why the average rank: worth accrues over the run, and a change of rank pays off over the rest of the run, not in
     the next interval (randomised exchanges: no response within an interval), so a module grown at the last decision
-    still holds what its earlier, smaller rank learnt."""
+    still holds what its earlier, smaller rank learnt.
+
+    With `pool` (the modules' targets, `schedule.curves: pooled_worth`) each c_m is replaced by the fit of
+    log c_m ≈ a_layer + b_kind (least squares over all modules): a layer's level and a kind's level, each an average
+    over many modules. One module's worth on one probe batch is noisy, and the allocation magnifies that noise, since
+    the best ranks go as c_m^(1/(1−β)), the fourth power; in the randomised runs the layer-plus-kind fit repeats
+    across seeds far better than single modules do (correlation 0.73-0.98 against 0.48-0.89)."""
     worth = np.array([float(v.sum()) for v in values])
     floor = 1e-6 * max(float(worth.max(initial=0.0)), 1e-12)
     coefficients = np.maximum(worth, floor) / np.maximum(mean_ranks, 1.0) ** RANK_ELASTICITY
+    if pool is not None:
+        coefficients = _layer_plus_kind(coefficients, pool)
     return coefficients[:, None] * np.arange(max_rank + 1, dtype=np.float64) ** RANK_ELASTICITY
+
+
+def _layer_plus_kind(coefficients: np.ndarray, targets: list[Target]) -> np.ndarray:
+    """exp of the least-squares fit of log coefficients on a level per layer (per tower) plus one per module kind."""
+    layers = [(t.tower, t.layer) for t in targets]
+    kinds = [t.kind for t in targets]
+    columns = [[key == own for own in layers] for key in sorted(set(layers))]
+    columns += [[kind == own for own in kinds] for kind in sorted(set(kinds))[1:]]  # the first kind: the baseline
+    design = np.array(columns, dtype=np.float64).T
+    solution, *_ = np.linalg.lstsq(design, np.log(coefficients), rcond=None)
+    return np.exp(design @ solution)

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 
+from ..config import WORTH_CURVES
 from ..errors import ConfigError, InvariantError
 from ..utils import JsonlWriter, unwrap_optimizer
 from .allocate import allocate, move_towards
@@ -137,7 +138,7 @@ class HydraScheduler:
         """Measure every optimizer step's first-order loss change per module, −⟨grad, Δθ⟩ over its A and B (with
         `schedule.attribution: probe`, open the first interval instead: the probe measures it at its end)."""
         self.optimizer = optimizer
-        if self.config.curves == "worth":  # the worth curves replace the performance model: nothing to attribute
+        if self.config.curves in WORTH_CURVES:  # they replace the performance model: nothing to attribute
             return
         if self.probe is not None:
             if not self.probe.start_factors:  # a resumed run's interval start comes from its checkpoint
@@ -227,14 +228,16 @@ class HydraScheduler:
         self.ranked_until = step
 
     def _worth_utilities(self, batch: dict[str, torch.Tensor], entry: dict[str, Any]) -> dict[str, np.ndarray]:
-        """`schedule.curves: worth`: every module's worth at every rank, from what its update holds on the probe
-        batch and the rank it has held on average (`probe.worth_curves`)."""
+        """`schedule.curves: worth` / `pooled_worth`: every module's worth at every rank, from what its update holds
+        on the probe batch and the rank it has held on average (`probe.worth_curves`)."""
         values = self._direction_values(batch)
         mean_ranks = self.rank_steps / max(self.ranked_until, 1)
         entry["worth"] = {name: float(v.sum()) for name, v in zip(self.names, values, strict=True)}
         entry["mean_ranks"] = dict(zip(self.names, mean_ranks.tolist(), strict=True))
         entry["elasticity"] = RANK_ELASTICITY
-        return dict(zip(self.names, worth_curves(values, mean_ranks, self.budget.max_rank), strict=True))
+        pool = self.targets if self.config.curves == "pooled_worth" else None
+        curves = worth_curves(values, mean_ranks, self.budget.max_rank, pool)
+        return dict(zip(self.names, curves, strict=True))
 
     def _model_utilities(
         self, curves: np.ndarray, batch: dict[str, torch.Tensor] | None, entry: dict[str, Any]
@@ -283,7 +286,7 @@ class HydraScheduler:
         probe_batch = self.probe_source[0](step) if self.probe_source else None  # drawn once, for both signals
         entry: dict[str, Any] = {"step": step, "train_loss": record["loss"]}
         self._accrue_ranks(step)
-        if self.config.curves == "worth":  # no curves for the performance model: the worth curves replace it
+        if self.config.curves in WORTH_CURVES:  # no curves for the performance model: the worth curves replace it
             curves, utilities = None, self._worth_utilities(probe_batch, entry)
         else:
             if self.config.curves == "held_out":
