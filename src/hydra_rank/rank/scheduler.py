@@ -11,7 +11,7 @@ from its own parameter updates (optimizer hooks); `schedule.curves: held_out` an
 either from a fresh probe batch at the decision instead (`probe.py`, ablations). At a decision the scheduler
 
 1. scores the previous decision's predictions against what was realised (Spearman across modules) and refits the
-   performance model on it (`perf_model.py`); with `schedule.curves: worth` the model is instead each module's
+   performance model on it (`perf_model.py`); with `schedule.curves: worth` (`pooled_worth`) the model is each module's
    held-out worth on a probe batch, scaled to other ranks by the response measured on randomised ranks (`probe.py`);
 2. predicts every module's gain at every rank and solves the hierarchical allocation (coarse: layer budgets, fine:
    module ranks; `allocate.py`) under the same parameter budget;
