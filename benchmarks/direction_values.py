@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from peft import PeftModel
+from torch import nn
 
 from hydra_rank.config import load_config
 from hydra_rank.data import collate
@@ -45,21 +46,28 @@ if TYPE_CHECKING:
     from hydra_rank.rank.budget import Target
 
 
-def run_values(run: Path, batches: int) -> tuple[list[Target], dict[str, np.ndarray]]:
-    """Every target module's direction values of the run's adapter, summed over `batches` evaluation batches."""
+def load_run(run: Path) -> tuple[list[Target], nn.Module, list[str], list[dict[str, torch.Tensor]]]:
+    """A finished run's targets, its model with the trained adapter (trainable, so gradients reach it), the adapted
+    module names in target order, and its held-out questions in batches of `train.batch_size`: the validation split
+    when it has one, never the split results are reported on."""
     config = load_config(run / "config.yaml")
-    if config.data.validation_samples:  # score on the validation split, never the one results are reported on
+    if config.data.validation_samples:
         config.data.eval_split = "validation"
     inputs = load_inputs(config)
-    targets = inputs.targets
-    model = PeftModel.from_pretrained(inputs.model, run / "adapter", is_trainable=True)  # gradients reach it
-    layers = lora_layers(model)
-    names = [t.name for t in targets if t.name in layers]
+    model = PeftModel.from_pretrained(inputs.model, run / "adapter", is_trainable=True)
+    names = [t.name for t in inputs.targets if t.name in lora_layers(model)]
     items = [inputs.encoder.encode(sample) for sample in inputs.eval_samples]
-    size = config.train.batch_size
+    size, pad = config.train.batch_size, inputs.encoder.pad_token_id
+    batches = [collate(items[start : start + size], pad) for start in range(0, len(items), size)]
+    return inputs.targets, model, names, batches
+
+
+def run_values(run: Path, batches: int) -> tuple[list[Target], dict[str, np.ndarray]]:
+    """Every target module's direction values of the run's adapter, summed over `batches` evaluation batches."""
+    targets, model, names, held_out = load_run(run)
+    layers = lora_layers(model)
     totals: dict[str, np.ndarray] = {}
-    for start in range(0, min(len(items), batches * size), size):
-        batch = collate(items[start : start + size], inputs.encoder.pad_token_id)
+    for batch in held_out[:batches]:
         values = direction_values(model, [layers[n] for n in names], batch, answer_loss)
         for name, value in zip(names, values, strict=True):
             totals[name] = totals.get(name, 0.0) + value

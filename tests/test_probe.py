@@ -5,7 +5,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hydra_rank.rank.lora import ADAPTER, lora_layers
-from hydra_rank.rank.probe import RANK_ELASTICITY, IntervalProbe, direction_values, value_curves, worth_curves
+from hydra_rank.rank.probe import (
+    RANK_ELASTICITY,
+    IntervalProbe,
+    direction_values,
+    update_inner,
+    value_curves,
+    worth_curves,
+)
 
 
 def causal_loss(model, batch):
@@ -89,6 +96,36 @@ def test_direction_values_add_up_to_the_loss_change_since_no_update(lora_llama):
     assert all(torch.equal(layer.lora_B[ADAPTER].weight, b) for layer, b in zip(layers, now, strict=True))
 
 
+def test_update_inner_is_the_loss_slope_along_each_update_and_its_ends_make_the_trapezoid(lora_llama):
+    """⟨G_m(t), ΔW_m⟩ is the derivative of the batch loss as module m's update alone grows past t·ΔW_m (every other
+    update at t·ΔW too), checked by central differences at t = 0, ½ and 1; half the sum of the two ends is the
+    trapezoid, which `direction_values` splits by direction. The model ends as it was."""
+    import numpy as np
+
+    model, batch = lora_llama, {"input_ids": torch.randint(0, 500, (3, 9), generator=torch.Generator().manual_seed(1))}
+    layers = list(lora_layers(model).values())
+    now = [layer.lora_B[ADAPTER].weight.clone() for layer in layers]
+
+    def loss_at(scales):
+        with torch.no_grad():
+            for layer, b, scale in zip(layers, now, scales, strict=True):
+                layer.lora_B[ADAPTER].weight.copy_(float(scale) * b)
+            loss = float(causal_loss(model.eval(), batch)[0])
+            for layer, b in zip(layers, now, strict=True):
+                layer.lora_B[ADAPTER].weight.copy_(b)
+        return loss
+
+    ends = {}
+    for at in (0.0, 0.5, 1.0):
+        ends[at] = update_inner(model, layers, batch, causal_loss, at)
+        for m, step in enumerate(np.eye(len(layers)) * 0.01):  # the loss is float32-accurate inside: a wide step
+            slope = (loss_at(at + step) - loss_at(at - step)) / 0.02
+            assert ends[at][m] == pytest.approx(slope, rel=0.02)
+    trapezoid = [float(v.sum()) for v in direction_values(model, layers, batch, causal_loss)]
+    assert -0.5 * (ends[0.0] + ends[1.0]) == pytest.approx(trapezoid, rel=1e-9)
+    assert all(torch.equal(layer.lora_B[ADAPTER].weight, b) for layer, b in zip(layers, now, strict=True))
+
+
 def test_value_curves_keep_measured_directions_and_extrapolate_by_the_pooled_decay():
     """Up to a module's rank its curve adds its measured directions (a harmful one counts as nothing), beyond it the
     last value shrinks by the median ratio of consecutive values; every curve starts at 0 and never decreases."""
@@ -103,12 +140,11 @@ def test_value_curves_keep_measured_directions_and_extrapolate_by_the_pooled_dec
 
 
 def test_worth_curves_scale_what_a_module_holds_by_the_measured_response():
-    """At the rank a module held on average its curve is what its update holds now; doubling the rank multiplies it
+    """At the rank a module held on average its curve is what its update is worth now; doubling the rank multiplies it
     by 2^β; a module whose update hurts counts as a tiny positive worth; every curve starts at 0, rises, is concave."""
     import numpy as np
 
-    values = [np.array([0.3, 0.1]), np.array([0.2, -0.3]), np.array([0.5, 0.2, 0.1, 0.0])]
-    curves = worth_curves(values, np.array([2.0, 2.0, 3.0]), 8)
+    curves = worth_curves(np.array([0.4, -0.1, 0.8]), np.array([2.0, 2.0, 3.0]), 8)
     assert curves[0, 2] == pytest.approx(0.4) and curves[2, 3] == pytest.approx(0.8)
     assert curves[0, 4] / curves[0, 2] == pytest.approx(2**RANK_ELASTICITY)
     assert curves[1, 8] < 1e-5 * curves[0, 1]
@@ -128,9 +164,9 @@ def test_pooled_worth_keeps_a_layer_times_kind_pattern_and_averages_away_what_is
     layer_level, kind_level = np.array([1.0, 2.0, 0.5, 4.0]), {"q": 1.0, "v": 3.0, "up": 0.2}
     worth = np.array([layer_level[t.layer] * kind_level[t.kind] for t in targets])
     ranks = np.full(len(targets), 2.0)
-    values = [np.array([w]) for w in worth]
-    pooled = worth_curves(values, ranks, 4, pool=targets)
-    assert pooled == pytest.approx(worth_curves(values, ranks, 4), rel=1e-9)
-    values[0] = np.array([worth[0] * 16])  # one module 16x off the pattern
-    pooled = worth_curves(values, ranks, 4, pool=targets)
-    assert 1 < pooled[0, 2] / worth[0] < 4 and pooled[0, 2] * 4 < worth_curves(values, ranks, 4)[0, 2]
+    pooled = worth_curves(worth, ranks, 4, pool=targets)
+    assert pooled == pytest.approx(worth_curves(worth, ranks, 4), rel=1e-9)
+    noisy = worth.copy()
+    noisy[0] *= 16  # one module 16x off the pattern
+    pooled = worth_curves(noisy, ranks, 4, pool=targets)
+    assert 1 < pooled[0, 2] / worth[0] < 4 and pooled[0, 2] * 4 < worth_curves(noisy, ranks, 4)[0, 2]

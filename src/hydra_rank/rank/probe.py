@@ -1,6 +1,7 @@
 """Held-out measurements on a probe batch: what each module's last interval of training did to the loss on a batch
-it did not train on (`IntervalProbe`, `schedule.attribution: probe`), and what each singular direction of a
-module's update is worth (`direction_values`, `schedule.curves: held_out` and `worth`).
+it did not train on (`IntervalProbe`, `schedule.attribution: probe`), what each singular direction of a module's
+update is worth (`direction_values`, `schedule.curves: held_out`), and what its whole update is worth
+(`update_inner`, `schedule.curves: worth`).
 
 The optimizer-side attribution (`scheduler.py`) sums −⟨g_b, Δθ_b⟩ over the interval's steps, where g_b is the very
 gradient the step Δθ_b was computed from: it is positive by construction and grows with the batch gradient's size,
@@ -16,9 +17,10 @@ up again along D_m) and charge it to every module. The estimate lives in ΔW spa
 adapter is factored, and the ranks are constant inside an interval (resizes happen at decisions only), so the start
 factors fit the model as it is at the end.
 
-Cost: two forward/backward passes of the probe batch per decision, one at the end parameters and one with the start
-factors swapped in. No d_out x d_in matrix is formed: with inputs X (tokens x d_in) and output gradients Δ,
-⟨G, s·B·A⟩ = s·Σ_tokens (Δ B) ⊙ (X Aᵀ), computed in hooks from rank-sized products.
+Cost of a trapezoid: two forward/backward passes of the probe batch per decision, one at the end parameters and one
+with the start factors swapped in (`update_inner`: one pass). No d_out x d_in matrix is formed: with inputs X
+(tokens x d_in) and output gradients Δ, ⟨G, s·B·A⟩ = s·Σ_tokens (Δ B) ⊙ (X Aᵀ), computed in hooks from rank-sized
+products.
 """
 
 from __future__ import annotations
@@ -201,6 +203,19 @@ def direction_values(
     return [values[i, : layer.r[ADAPTER]] for i, layer in enumerate(layers)]
 
 
+def update_inner(
+    model: nn.Module, layers: list[LoraLayer], batch: dict[str, torch.Tensor], loss_fn: LossFn, at: float
+) -> np.ndarray:
+    """⟨G_m, ΔW_m⟩ for every module m: its whole update against the probe gradient of its full weight, measured with
+    every module's update scaled by `at` (0: the base model, 1: as trained). One probe pass; the model ends as it
+    was. `schedule.curves: worth` scores −⟨G_m(0), ΔW_m⟩, what m's update takes off the base model's loss to first
+    order; `benchmarks/worth_estimators.py` compares it with the trapezoid of `direction_values`."""
+    current = [factors(layer) for layer in layers]
+    with swapped(layers, [(a, at * b, scale) for a, b, scale in current]):
+        inner = probe_pass(model, batch, loss_fn, layers, lambda index, x, delta: _inner(x, delta, current[index]))
+    return inner[:, 0].numpy()
+
+
 def value_curves(values: list[np.ndarray], max_rank: int) -> np.ndarray:
     """u[m, r] for r = 0..max_rank: the held-out value of module m's first r directions (largest first, each at least
     a tiny positive amount), and beyond its rank its last direction's value shrinking by the pooled ratio of
@@ -219,10 +234,10 @@ def value_curves(values: list[np.ndarray], max_rank: int) -> np.ndarray:
 
 
 def worth_curves(
-    values: list[np.ndarray], mean_ranks: np.ndarray, max_rank: int, pool: list[Target] | None = None
+    worth: np.ndarray, mean_ranks: np.ndarray, max_rank: int, pool: list[Target] | None = None
 ) -> np.ndarray:
     """u[m, r] = c_m · r^β for r = 0..max_rank, β = RANK_ELASTICITY: module m's held-out worth had it trained at rank
-    r, scaled from W_m, what its update holds now (the sum of its direction values), and r̄_m, the rank it has held on
+    r, scaled from W_m, what its update is worth now (`update_inner` at the base), and r̄_m, the rank it has held on
     average so far: c_m = W_m / r̄_m^β (a module whose update does not help counts as a tiny positive worth).
 
     Why not the direction values themselves (`value_curves`): truncating a trained update to its first r directions
@@ -237,7 +252,6 @@ def worth_curves(
     over many modules. One module's worth on one probe batch is noisy, and the allocation magnifies that noise, since
     the best ranks go as c_m^(1/(1−β)), the fourth power; in the randomised runs the layer-plus-kind fit repeats
     across seeds far better than single modules do (correlation 0.73-0.98 against 0.48-0.89)."""
-    worth = np.array([float(v.sum()) for v in values])
     floor = 1e-6 * max(float(worth.max(initial=0.0)), 1e-12)
     coefficients = np.maximum(worth, floor) / np.maximum(mean_ranks, 1.0) ** RANK_ELASTICITY
     if pool is not None:

@@ -48,7 +48,7 @@ from .budget import Allocation, Budget, Target
 from .explore import explore
 from .lora import ADAPTER, lora_layers
 from .perf_model import PerfModel, spearman
-from .probe import RANK_ELASTICITY, IntervalProbe, direction_values, value_curves, worth_curves
+from .probe import RANK_ELASTICITY, IntervalProbe, direction_values, update_inner, value_curves, worth_curves
 from .resize import apply_allocation
 from .signals import SKETCH_OVERSAMPLING, ModuleSpectrum, SketchHooks
 
@@ -228,15 +228,18 @@ class HydraScheduler:
         self.ranked_until = step
 
     def _worth_utilities(self, batch: dict[str, torch.Tensor], entry: dict[str, Any]) -> dict[str, np.ndarray]:
-        """`schedule.curves: worth` / `pooled_worth`: every module's worth at every rank, from what its update holds
-        on the probe batch and the rank it has held on average (`probe.worth_curves`)."""
-        values = self._direction_values(batch)
+        """`schedule.curves: worth` / `pooled_worth`: every module's worth at every rank, from what its update takes
+        off the base model's loss on the probe batch and the rank it has held on average (`probe.worth_curves`)."""
+        tick = time.perf_counter()
+        layers = [self.layers[name] for name in self.names]
+        worth = -update_inner(self.model, layers, batch, self.probe_source[1], at=0.0)
+        self.seconds["attribution"] += time.perf_counter() - tick
         mean_ranks = self.rank_steps / max(self.ranked_until, 1)
-        entry["worth"] = {name: float(v.sum()) for name, v in zip(self.names, values, strict=True)}
+        entry["worth"] = dict(zip(self.names, worth.tolist(), strict=True))
         entry["mean_ranks"] = dict(zip(self.names, mean_ranks.tolist(), strict=True))
         entry["elasticity"] = RANK_ELASTICITY
         pool = self.targets if self.config.curves == "pooled_worth" else None
-        curves = worth_curves(values, mean_ranks, self.budget.max_rank, pool)
+        curves = worth_curves(worth, mean_ranks, self.budget.max_rank, pool)
         return dict(zip(self.names, curves, strict=True))
 
     def _model_utilities(
