@@ -62,6 +62,15 @@ def load_run(run: Path) -> tuple[list[Target], nn.Module, list[str], list[dict[s
     return inputs.targets, model, names, batches
 
 
+def run_arguments(description: str, batches: int, output_dir: str) -> argparse.Namespace:
+    """The command line of the scripts that score finished runs: run folders, held-out batches, output folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (config.yaml, adapter/)")
+    parser.add_argument("--batches", type=int, default=batches, help="held-out batches (of train.batch_size) to score")
+    parser.add_argument("--output-dir", type=Path, default=Path(output_dir))
+    return parser.parse_args()
+
+
 def run_values(run: Path, batches: int) -> tuple[list[Target], dict[str, np.ndarray]]:
     """Every target module's direction values of the run's adapter, summed over `batches` evaluation batches."""
     targets, model, names, held_out = load_run(run)
@@ -118,11 +127,7 @@ def summary(targets: list[Target], values: dict[str, np.ndarray]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (config.yaml, adapter/)")
-    parser.add_argument("--batches", type=int, default=4, help="evaluation batches (of train.batch_size) to score")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/direction-values"))
-    args = parser.parse_args()
+    args = run_arguments(__doc__.split("\n\n")[0], 4, "runs/direction-values")
     torch.manual_seed(0)
     rows = {}
     for run in args.runs:

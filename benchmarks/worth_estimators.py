@@ -18,13 +18,12 @@ worth_estimators.json in --output-dir.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from direction_values import load_run
+from direction_values import load_run, run_arguments
 
 from hydra_rank.loss import answer_loss
 from hydra_rank.rank.lora import lora_layers
@@ -59,11 +58,7 @@ def measure(run: Path, batches: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (config.yaml, adapter/)")
-    parser.add_argument("--batches", type=int, default=3, help="held-out batches (of train.batch_size) to score")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/worth-estimators"))
-    args = parser.parse_args()
+    args = run_arguments(__doc__.split("\n\n")[0], 3, "runs/worth-estimators")
     torch.manual_seed(0)
     results = {str(run): measure(run, args.batches) for run in args.runs}
     print(

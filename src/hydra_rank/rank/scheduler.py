@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,13 +214,13 @@ class HydraScheduler:
         self.sketches = None
         return self._curves(spectra)
 
-    def _direction_values(self, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
-        """What each singular direction of every module's update holds on the probe batch."""
+    def _on_probe(self, measure: Callable[..., Any], batch: dict[str, torch.Tensor]) -> Any:
+        """`measure(model, layers, batch, loss_fn)` of every module (in target order) on the probe batch, its time
+        counted as attribution: `probe.direction_values` (held_out curves) or `probe.update_inner` (worth)."""
         tick = time.perf_counter()
-        layers = [self.layers[name] for name in self.names]
-        values = direction_values(self.model, layers, batch, self.probe_source[1])
+        result = measure(self.model, [self.layers[name] for name in self.names], batch, self.probe_source[1])
         self.seconds["attribution"] += time.perf_counter() - tick
-        return values
+        return result
 
     def _accrue_ranks(self, step: int) -> None:
         """Count the steps since the last decision at the ranks they trained with."""
@@ -230,10 +231,7 @@ class HydraScheduler:
     def _worth_utilities(self, batch: dict[str, torch.Tensor], entry: dict[str, Any]) -> dict[str, np.ndarray]:
         """`schedule.curves: worth` / `pooled_worth`: every module's worth at every rank, from what its update takes
         off the base model's loss on the probe batch and the rank it has held on average (`probe.worth_curves`)."""
-        tick = time.perf_counter()
-        layers = [self.layers[name] for name in self.names]
-        worth = -update_inner(self.model, layers, batch, self.probe_source[1], at=0.0)
-        self.seconds["attribution"] += time.perf_counter() - tick
+        worth = -self._on_probe(functools.partial(update_inner, at=0.0), batch)
         mean_ranks = self.rank_steps / max(self.ranked_until, 1)
         entry["worth"] = dict(zip(self.names, worth.tolist(), strict=True))
         entry["mean_ranks"] = dict(zip(self.names, mean_ranks.tolist(), strict=True))
@@ -293,7 +291,7 @@ class HydraScheduler:
             curves, utilities = None, self._worth_utilities(probe_batch, entry)
         else:
             if self.config.curves == "held_out":
-                curves = value_curves(self._direction_values(probe_batch), self.budget.max_rank)
+                curves = value_curves(self._on_probe(direction_values, probe_batch), self.budget.max_rank)
             else:
                 curves = self._sketched_curves(step)
             utilities = self._model_utilities(curves, probe_batch, entry)
