@@ -74,6 +74,17 @@ class DataConfig:
     max_length: int = 256
 
 
+def default_max_rank(rank: int) -> int:
+    """The rank ceiling when none is set: 8·r0, but no more than 32 or 4·r0, whichever is larger.
+
+    Small budgets need room: at r0 = 2 and 4 the allocations of the matrix cells put modules at 8·r0 for whole runs.
+    Above that no run went past 3.2·r0 (r0 = 8: at most 26 but for one interval; r0 = 32: at most 100), while the
+    gradient sketch costs in proportion to the ceiling (its width is max_rank + 8): at 8·r0 it took a third of the
+    training time at r0 = 32 (BENCHMARKS.md, "Twenty-fifth session").
+    """
+    return min(8 * rank, max(32, 4 * rank))
+
+
 @dataclass
 class AdapterConfig:
     method: str = DEFAULT_METHOD  # one of `methods.METHODS` (`hydra-rank methods` lists them)
@@ -90,7 +101,7 @@ class AdapterConfig:
     towers: list[str] = field(default_factory=lambda: ["language"])
     budget_params: int | None = None  # hydra methods: explicit parameter budget instead of uniform LoRA's size
     min_rank: int = 1  # 0 lets a module lose its adapter entirely (its parameters are spent elsewhere)
-    max_rank: int | None = None  # None: 8 x rank (and never above a module's width, min(d_in, d_out))
+    max_rank: int | None = None  # None: `default_max_rank(rank)` (and never above a module's width, min(d_in, d_out))
     rank_granularity: int = 1  # ranks are min_rank + k x granularity (e.g. 4 for kernel-friendly shapes)
     calibration_batches: int = 4  # batches whose gradient spectra drive the initial allocation
     # what a module's utility curve measures (`rank/signals.py`): stacked: the energy of every batch's gradient;
@@ -100,7 +111,7 @@ class AdapterConfig:
 
     @property
     def upper_rank(self) -> int:
-        return self.max_rank if self.max_rank is not None else 8 * self.rank
+        return self.max_rank if self.max_rank is not None else default_max_rank(self.rank)
 
     @property
     def spec(self) -> Method:
