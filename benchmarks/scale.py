@@ -10,13 +10,16 @@ plus the attribution, a copy of every adapter parameter per optimizer step.
 
 Each cost is timed with the real functions on random data, at several sizes, and fitted with the model above (one
 coefficient per cost, least squares); the fit then predicts a 2B- and an 8B-parameter language model (shapes below)
-at the settings of the table. Memory is counted, not fitted. Prints markdown and writes runs/scale.json.
+at the settings of the table (the default rank ceiling, `config.default_max_rank`). Memory is counted, not fitted.
+Prints markdown and writes runs/scale.json. `--measured scale.json` refits and extrapolates the timings stored in an
+earlier output instead of timing again (e.g. after a change of the defaults the table assumes).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--measured benchmarks/results/scale/scale.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from hydra_rank.config import default_max_rank
 from hydra_rank.rank.allocate import allocate, move_towards
 from hydra_rank.rank.budget import Budget, Target, uniform_budget
 from hydra_rank.rank.lora import lora_layers
@@ -143,7 +147,8 @@ def decision_terms(targets, lattice) -> np.ndarray:
     return np.stack([targets * lattice, np.ones_like(targets)], axis=-1)
 
 
-def main() -> None:
+def measure() -> dict[str, list]:
+    """Time every cost at the grid of sizes the fit uses (decisions at a lattice of 8·r0 ranks)."""
     torch.manual_seed(0)
     rows: dict[str, list] = {"sketch": [], "resize": [], "decision": []}
     for hidden in (256, 512, 1024):
@@ -156,7 +161,14 @@ def main() -> None:
     for layers in (8, 16, 32):
         for r0 in (4, 16):
             rows["decision"].append((layers, r0, decision_seconds(layers, r0)))
+    return rows
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measured", type=Path, help="an earlier runs/scale.json whose timings to refit")
+    args = parser.parse_args()
+    rows = json.loads(args.measured.read_text())["measured"] if args.measured else measure()
     sketch, resize, decision = (np.array(rows[key], dtype=np.float64) for key in ("sketch", "resize", "decision"))
     terms = {
         "sketch": sketch_terms(*sketch[:, :4].T),
@@ -192,13 +204,13 @@ def main() -> None:
         per_layer_cost = sum(d_in + d_out for _, d_in, d_out in layer)
         per_layer_outputs = sum(d_out for _, _, d_out in layer)  # the sketch keeps the output side only
         for r0 in (16, 64):
-            k = 8 * r0 + SKETCH_OVERSAMPLING
+            k = default_max_rank(r0) + SKETCH_OVERSAMPLING
             adapter = r0 * per_layer_cost * layers
             parts = min(SIGNAL_STEPS, StackedGradientSketch.MERGE_EVERY - 1)  # factors held between sketched steps
             sketch_mib = parts * k * per_layer_outputs * layers * 4 / 2**20
             per_module = [sketch_terms(d_in, d_out, TOKENS, np.float64(k)) @ c["sketch"] for _, d_in, d_out in layer]
             signal_s = SIGNAL_STEPS * layers * sum(per_module)
-            decide_s = float(decision_terms(np.float64(7 * layers), np.float64(8 * r0)) @ c["decision"])
+            decide_s = float(decision_terms(np.float64(7 * layers), np.float64(default_max_rank(r0))) @ c["decision"])
             moved = [resize_terms(d_in, d_out, np.float64(2 * r0)) @ c["resize"] for _, d_in, d_out in layer]
             resize_s = 0.15 * layers * sum(moved)  # about 15 % of the modules change rank per decision
             row = {

@@ -112,3 +112,11 @@ def test_sharding_combinations_that_cannot_work_fail_at_start():
 def test_sharding_engines_that_cannot_resize_stop_at_start_with_what_to_use(engine):
     with pytest.raises(ConfigError, match=r"set train\.sharding: fsdp"):
         check_launcher(SimpleNamespace(distributed_type=engine))  # what an Accelerator launched that way reports
+
+
+@pytest.mark.parametrize(("rank", "ceiling"), [(1, 8), (2, 16), (4, 32), (5, 32), (8, 32), (16, 64), (32, 128)])
+def test_default_rank_ceiling_is_8x_at_small_budgets_and_4x_above(rank, ceiling):
+    """The sketch is max_rank + 8 columns wide, so the default ceiling sets HyDRA's signal cost: 8·r0 where the matrix
+    cells used it (r0 ≤ 4), then 32 or 4·r0; an explicit adapter.max_rank still wins."""
+    assert from_dict({"adapter": {"rank": rank}}).adapter.upper_rank == ceiling
+    assert from_dict({"adapter": {"rank": rank, "max_rank": 3 * rank}}).adapter.upper_rank == 3 * rank
