@@ -77,8 +77,8 @@ class DataConfig:
 def default_max_rank(rank: int) -> int:
     """The rank ceiling when none is set: 8·r0, but no more than 32 or 4·r0, whichever is larger.
 
-    Small budgets need room: at r0 = 2 and 4 the allocations of the matrix cells put modules at 8·r0 for whole runs.
-    Above that no run went past 3.2·r0 (r0 = 8: at most 26 but for one interval; r0 = 32: at most 100), while the
+    Small budgets need room: at r0 = 2 and 4 the matrix cells' allocations kept modules at 8·r0 for most of a run.
+    Above that no run went past about 3·r0 (r0 = 8: at most 26 but for one interval; r0 = 32: at most 100), while the
     gradient sketch costs in proportion to the ceiling (its width is max_rank + 8): at 8·r0 it took a third of the
     training time at r0 = 32 (BENCHMARKS.md, "Twenty-fifth session").
     """
