@@ -115,7 +115,7 @@ def test_sharding_engines_that_cannot_resize_stop_at_start_with_what_to_use(engi
 
 
 @pytest.mark.parametrize(("rank", "ceiling"), [(1, 8), (2, 16), (4, 32), (5, 32), (8, 32), (16, 64), (32, 128)])
-def test_default_rank_ceiling_is_8x_at_small_budgets_and_4x_above(rank, ceiling):
+def test_default_rank_ceiling_is_8x_up_to_32_then_4x(rank, ceiling):
     """The sketch is max_rank + 8 columns wide, so the default ceiling sets HyDRA's signal cost: 8·r0 where the matrix
     cells used it (r0 ≤ 4), then 32 or 4·r0; an explicit adapter.max_rank still wins."""
     assert from_dict({"adapter": {"rank": rank}}).adapter.upper_rank == ceiling
