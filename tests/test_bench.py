@@ -11,14 +11,17 @@ from hydra_rank.bench import (
     ADDED_KEYS,
     MAX_EXTENSIONS,
     best_lrs,
+    finished_metrics,
     initial_grids,
+    method_config,
     next_rate,
     run_all,
     run_bench,
     sweep_configs,
     sweep_table,
     what_matters,
-    with_added_keys,
+    with_old_behaviour,
+    with_resolved_ceiling,
 )
 from hydra_rank.config import DataConfig, from_dict, load_config
 from hydra_rank.data import load_samples, split_validation
@@ -128,9 +131,9 @@ def test_runs_recorded_before_a_key_existed_compare_at_its_old_behaviour():
         old = {section: dict(values) for section, values in current.items()}
         for section, key in ADDED_KEYS:
             del old[section][key]
-        assert (what_matters(with_added_keys(old)) == what_matters(current)) is reusable
+        assert (what_matters(with_old_behaviour(old)) == what_matters(current)) is reusable
         fixed = {**current, "adapter": {**current["adapter"], "rank_scale": "fixed"}}
-        assert what_matters(with_added_keys(old)) == what_matters(fixed)
+        assert what_matters(with_old_behaviour(old)) == what_matters(with_resolved_ceiling(fixed))
 
 
 def test_full_fine_tuning_sweeps_a_lower_grid(tmp_path):
@@ -154,4 +157,30 @@ def test_a_run_recorded_by_an_older_commit_stays_reusable():
     """A real finished run (the tuned cell's LoRA seed 0, recorded before several keys existed) compares equal to
     the configuration it would be re-run with today: every key added since is in ADDED_KEYS at its old value."""
     recorded = yaml.safe_load((ROOT / "benchmarks/results/scenes-r4/runs/lora-seed0/config.yaml").read_text())
-    assert what_matters(with_added_keys(recorded)) == what_matters(from_dict(recorded).to_dict())
+    assert what_matters(with_old_behaviour(recorded)) == what_matters(from_dict(recorded).to_dict())
+
+
+@pytest.mark.parametrize(("rank", "reused"), [(4, True), (8, False)])
+def test_a_run_without_a_recorded_ceiling_had_the_old_one(tmp_path, rank, reused):
+    """Before 566aaf3 `adapter.max_rank: null` meant 8·r0 at every budget; it now means 32 at r0 = 8 (unchanged at
+    r0 ≤ 4). A finished HyDRA run that recorded only `null` is reused where the ceiling is the same and trained again
+    where it changed; a run bench wrote since records its ceiling and is reused."""
+    base = from_dict({"adapter": {"method": "hydra", "rank": rank}})
+    config = method_config(base, "hydra", 0, tmp_path / "hydra-seed0")
+    assert config.adapter.max_rank == (32 if rank == 8 else 8 * rank)  # what the run records: today's ceiling
+    assert method_config(base, "lora", 0, tmp_path / "lora-seed0").adapter.max_rank is None  # LoRA has no ceiling
+    run_dir = tmp_path / "hydra-seed0"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({"eval_loss": 0.5}))
+
+    def record(max_rank: int | None) -> None:
+        recorded = config.to_dict()
+        recorded["adapter"]["max_rank"] = max_rank
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+
+    record(None)  # as runs before this change recorded it
+    assert (finished_metrics(config) is not None) is reused
+    record(config.adapter.max_rank)  # as bench records it now
+    assert finished_metrics(config) == {"eval_loss": 0.5}
+    record(8 * rank)  # an old run that set the old ceiling explicitly
+    assert (finished_metrics(config) is not None) is reused

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .builtin import resolve
-from .config import RunConfig, from_dict, load_yaml
+from .config import RunConfig, default_max_rank, from_dict, load_yaml
 from .errors import ConfigError
 from .inputs import model_identity
 from .methods import REFERENCE_METHOD, get_method
@@ -78,10 +78,20 @@ def method_config(
         data["train"]["lr"] = lr
     if split is not None:
         data["data"]["eval_split"] = split
-    return from_dict(data)
+    return from_dict(with_resolved_ceiling(data))
 
 
-ALLOCATION_KEYS = ("rank_scale", "spectrum")  # adapter keys read only by methods that allocate ranks
+def with_resolved_ceiling(config: dict) -> dict:
+    """`config` (as a dict) with, for a method that allocates ranks, `adapter.max_rank: null` replaced by the ceiling
+    that null stands for today. Bench runs record this value: the default has changed before (566aaf3), and a
+    finished run that says only `null` cannot show which ceiling it had (`with_old_behaviour`)."""
+    adapter = config["adapter"]
+    if get_method(adapter["method"]).allocates and adapter["max_rank"] is None:
+        config = {**config, "adapter": {**adapter, "max_rank": default_max_rank(adapter["rank"])}}
+    return config
+
+
+ALLOCATION_KEYS = ("rank_scale", "spectrum", "max_rank")  # adapter keys read only by methods that allocate ranks
 
 
 def what_matters(config: dict) -> dict:
@@ -110,12 +120,23 @@ ADDED_KEYS = {
 }
 
 
-def with_added_keys(config: dict) -> dict:
-    """`config` (a finished run's, as a dict) with every key of `ADDED_KEYS` it lacks, at its old behaviour."""
+def old_default_max_rank(rank: int) -> int:
+    """The ceiling `adapter.max_rank: null` stood for before 566aaf3 (8·r0 at every budget)."""
+    return 8 * rank
+
+
+def with_old_behaviour(config: dict) -> dict:
+    """`config` (a finished run's, as a dict) with every key of `ADDED_KEYS` it lacks, at its old behaviour, and a
+    `null` rank ceiling read as the 8·r0 it meant when runs recorded it so: since bench writes each run's ceiling
+    (`method_config`), only runs from before that record `null`. (Runs recorded between 566aaf3 and that change had
+    the new ceiling under `null`; for r0 ≥ 5 they are retrained rather than reused: the safe side.)"""
     filled = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
     for (section, key), value in ADDED_KEYS.items():
         if isinstance(filled.get(section), dict):
             filled[section].setdefault(key, value)
+    adapter = filled.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("max_rank") is None and "rank" in adapter:
+        adapter["max_rank"] = old_default_max_rank(adapter["rank"])
     return filled
 
 
@@ -132,17 +153,23 @@ def same_base_model(metrics: dict, config: RunConfig) -> bool:
     return recorded == model_identity(name, resolve(name))["weights_sha256"]
 
 
-def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None, reuse: bool = True) -> dict:
-    """The run's metrics: from its folder when it already finished with the same configuration (in every key that
-    can change its result) on the same base weights and `reuse` allows it, else trained."""
+def finished_metrics(config: RunConfig) -> dict | None:
+    """The metrics of the run in `config`'s output folder when it finished with the same configuration (in every key
+    that can change its result) on the same base weights; None when it has to train."""
     run_dir = Path(config.train.output_dir)
     previous = run_dir / "config.yaml"
-    if reuse and (run_dir / "metrics.json").is_file() and previous.is_file():
-        finished = with_added_keys(load_yaml(previous.read_text(encoding="utf-8")))
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        if what_matters(finished) == what_matters(config.to_dict()) and same_base_model(metrics, config):
-            return metrics
-    return run_isolated(config, config_path, threads)
+    if not ((run_dir / "metrics.json").is_file() and previous.is_file()):
+        return None
+    finished = with_old_behaviour(load_yaml(previous.read_text(encoding="utf-8")))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    same = what_matters(finished) == what_matters(with_resolved_ceiling(config.to_dict()))
+    return metrics if same and same_base_model(metrics, config) else None
+
+
+def run_or_reuse(config: RunConfig, config_path: Path, threads: int | None = None, reuse: bool = True) -> dict:
+    """The run's metrics: its finished run's (`finished_metrics`) where `reuse` allows it, else trained."""
+    metrics = finished_metrics(config) if reuse else None
+    return metrics if metrics is not None else run_isolated(config, config_path, threads)
 
 
 def _row(config: RunConfig, metrics: dict) -> dict:
