@@ -133,7 +133,7 @@ def test_runs_recorded_before_a_key_existed_compare_at_its_old_behaviour():
             del old[section][key]
         assert (what_matters(with_old_behaviour(old)) == what_matters(current)) is reusable
         fixed = {**current, "adapter": {**current["adapter"], "rank_scale": "fixed"}}
-        assert what_matters(with_old_behaviour(old)) == what_matters(with_resolved_ceiling(fixed))
+        assert what_matters(with_old_behaviour(old)) == what_matters(with_resolved_ceiling(from_dict(fixed)).to_dict())
 
 
 def test_full_fine_tuning_sweeps_a_lower_grid(tmp_path):

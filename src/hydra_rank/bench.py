@@ -28,11 +28,11 @@ import os
 import statistics
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .builtin import resolve
-from .config import RunConfig, default_max_rank, from_dict, load_yaml
+from .config import RunConfig, from_dict, load_yaml
 from .errors import ConfigError
 from .inputs import model_identity
 from .methods import REFERENCE_METHOD, get_method
@@ -78,17 +78,17 @@ def method_config(
         data["train"]["lr"] = lr
     if split is not None:
         data["data"]["eval_split"] = split
-    return from_dict(with_resolved_ceiling(data))
+    return with_resolved_ceiling(from_dict(data))
 
 
-def with_resolved_ceiling(config: dict) -> dict:
-    """`config` (as a dict) with, for a method that allocates ranks, `adapter.max_rank: null` replaced by the ceiling
-    that null stands for today. Bench runs record this value: the default has changed before (566aaf3), and a
-    finished run that says only `null` cannot show which ceiling it had (`with_old_behaviour`)."""
-    adapter = config["adapter"]
-    if get_method(adapter["method"]).allocates and adapter["max_rank"] is None:
-        config = {**config, "adapter": {**adapter, "max_rank": default_max_rank(adapter["rank"])}}
-    return config
+def with_resolved_ceiling(config: RunConfig) -> RunConfig:
+    """`config` with, for a method that allocates ranks, `adapter.max_rank: null` replaced by the ceiling it stands
+    for today (`upper_rank`). Bench runs record this value: the default has changed before (566aaf3), and a finished
+    run that says only `null` cannot show which ceiling it had (`with_old_behaviour`)."""
+    adapter = config.adapter
+    if not adapter.spec.allocates or adapter.max_rank is not None:
+        return config
+    return replace(config, adapter=replace(adapter, max_rank=adapter.upper_rank))
 
 
 ALLOCATION_KEYS = ("rank_scale", "spectrum", "max_rank")  # adapter keys read only by methods that allocate ranks
@@ -162,7 +162,7 @@ def finished_metrics(config: RunConfig) -> dict | None:
         return None
     finished = with_old_behaviour(load_yaml(previous.read_text(encoding="utf-8")))
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    same = what_matters(finished) == what_matters(with_resolved_ceiling(config.to_dict()))
+    same = what_matters(finished) == what_matters(with_resolved_ceiling(config).to_dict())
     return metrics if same and same_base_model(metrics, config) else None
 
 
