@@ -200,7 +200,7 @@ def carry_state(
         if torch.is_tensor(value) and value.shape == old.shape:
             second = key.endswith("exp_avg_sq")
             value = value.index_select(axis, kept.to(value.device)) * (factor**2 if second else factor)
-            moved = torch.full_like(new, float(value.mean()) if second and value.numel() else 0.0)
+            moved = torch.full_like(new, float(value.mean()) if second else 0.0)
             moved.narrow(axis, 0, len(kept)).copy_(value)
             carried[key] = moved
         else:
