@@ -38,7 +38,6 @@ SPECTRA = ("stacked", "coherent")  # what utility curves measure (`rank/signals.
 # what the decisions' utility curves measure (`rank/scheduler.py`)
 CURVES = ("gradient", "held_out", "worth", "pooled_worth")
 WORTH_CURVES = ("worth", "pooled_worth")  # the curves that replace the fitted performance model
-SHRINKS = ("refactor", "drop")  # how a resize takes rank from a module (`rank/resize.py`)
 ATTRIBUTIONS = ("optimizer", "probe")  # what the performance model learns from (`rank/scheduler.py`, `rank/probe.py`)
 TOWERS = ("language", "vision", "projector")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -132,9 +131,6 @@ class ScheduleConfig:
     margin: float = 0.2  # a rank moves only if the receiver's predicted gain/param beats the giver's loss by 1 + this
     signal_steps: int = 3  # steps before each decision whose gradients are sketched (more: less noisy spectra)
     resize_warmup_steps: int = 3  # learning-rate ramp for parameters created by a resize
-    # how a module gives up rank: refactor (keep the top singular directions of B·A: new factors, fresh Adam state
-    # and the ramp) | drop (keep the A rows that lose least of B·A as they are, B refitted on them, Adam state kept)
-    shrink: str = "refactor"
     # what the performance model learns from: optimizer (each step's −⟨grad, update⟩ on the batch it trained on) |
     # probe (each interval's change of the loss on a training batch drawn afresh at the decision; rank/probe.py)
     attribution: str = "optimizer"
@@ -353,7 +349,6 @@ def validate(config: RunConfig) -> RunConfig:
     )
     _require(sc.signal_steps >= 1, f"schedule.signal_steps must be at least 1, got {sc.signal_steps}")
     _require(sc.resize_warmup_steps >= 0, f"schedule.resize_warmup_steps must be >= 0, got {sc.resize_warmup_steps}")
-    _require(sc.shrink in SHRINKS, f"schedule.shrink must be one of {SHRINKS}, got {sc.shrink!r}")
     for key in ("max_steps", "batch_size", "grad_accum"):
         _require(getattr(t, key) >= 1, f"train.{key} must be at least 1, got {getattr(t, key)}")
     _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")

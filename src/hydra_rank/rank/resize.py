@@ -4,10 +4,6 @@
   SVD gives B·A = L·diag(σ)·Rᵀ (orthonormal L, R), and A' = c·R[:, :k]ᵀ, B' = L[:, :k]·diag(σ[:k])/c keep the top k
   directions (c: the old rows' RMS norm, so the gradient reaching B keeps its magnitude). The Frobenius error² of ΔW
   is exactly s²·Σ_{i>k} σ_i².
-- Shrinking with `shrink="drop"` (`schedule.shrink`) keeps k of the module's own (B column, A row) pairs instead:
-  those whose A rows lose least of B·A (`least_costly_pairs`), the rows exactly as they were and B refitted by least
-  squares. Its error is larger than the re-factoring's (not the best rank-k approximation), but no coordinate
-  changes basis, so the kept entries keep their Adam state and the module trains on without a restart.
 - Growing (k > r) keeps A and B exactly and appends random A rows orthogonal to the existing ones (RMS norm c) with
   zero B columns: ΔW and the layer's output are unchanged, and the new directions start learning from the next step,
   as a fresh LoRA direction does. Random, not the strongest gradient directions the module does not cover yet (the
@@ -31,7 +27,6 @@ Optimizer state, handled explicitly:
   second moment has no exact image under it (a rotated first moment with a guessed second moment would hand the
   new coordinates a history they never had). The loop gives them a short learning-rate warm-up
   (`schedule.resize_warmup_steps`) so their first, moment-free Adam steps stay small.
-- factors that dropped pairs keep the kept entries' state (B's times the rescale, as when growing) and their slot.
 Modules whose rank does not change keep their parameters and optimizer state untouched.
 """
 
@@ -68,32 +63,6 @@ def factorize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q_b @ u, sigma, q_a @ vh.T
 
 
-def _refit(b: torch.Tensor, a: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B' = argmin ‖B'·rows − B·A‖_F, and the diagonal of (rows·rowsᵀ)⁻¹. A tiny ridge keeps the Gram matrix
-    invertible when rows are dependent (a dependent row then costs nothing to drop, as it should)."""
-    gram = rows @ rows.T
-    ridge = 1e-12 * float(gram.diagonal().mean()) * torch.eye(len(rows), dtype=rows.dtype)
-    inverse = torch.linalg.inv(gram + ridge)
-    return b @ (a @ rows.T) @ inverse, inverse.diagonal()
-
-
-def least_costly_pairs(b: torch.Tensor, a: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `keep` (B column, A row) pairs whose A rows lose least of B·A, and B refitted on them: their indices (in
-    the old order) and B' = argmin ‖B'·A[kept] − B·A‖_F.
-
-    Pairs leave one at a time. Dropping row i of the kept rows R (with B refitted) loses the part of the product along
-    the direction of row i that the other rows do not span, ‖B'_i‖² / ((R·Rᵀ)⁻¹)_ii: the rows' dual basis has those
-    squared norms. Each round costs one small inverse.
-    """
-    kept = torch.arange(a.shape[0])
-    refit, duals = _refit(b, a, a)
-    while len(kept) > keep:
-        drop = int((refit.square().sum(dim=0) / duals).argmin())
-        kept = torch.cat([kept[:drop], kept[drop + 1 :]])
-        refit, duals = _refit(b, a, a[kept])
-    return kept, refit
-
-
 def _new_directions(right: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` random orthonormal d_in-vectors orthogonal to `right`'s columns."""
     d_in = right.shape[0]
@@ -120,14 +89,11 @@ def resize_layer(
     new_rank: int,
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    shrink: str = "refactor",
 ) -> ResizeResult:
-    """Give one LoRA layer rank `new_rank` (new lora_A/lora_B modules of exactly that size). A shrink re-factors
-    (`shrink="refactor"`) or drops the pairs that cost least (`"drop"`, `least_costly_pairs`).
+    """Give one LoRA layer rank `new_rank` (new lora_A/lora_B modules of exactly that size).
 
-    With `optimizer`, a grown or dropped-from layer's Adam state moves to its new parameters (see `carry_state`); a
-    re-factored layer's old parameters leave the optimizer, and the loop's re-bind adds the new ones with fresh state
-    and a warm-up.
+    With `optimizer`, a grown layer's Adam state moves to its new parameters (see `carry_state`); a shrunk layer's
+    old parameters leave the optimizer, and the loop's re-bind adds the new ones with fresh state and a warm-up.
     """
     old_rank = layer.r[ADAPTER]
     if new_rank < 0:
@@ -145,64 +111,54 @@ def resize_layer(
         new_a = torch.cat([a, row_norm * extra.T])
         new_b = torch.cat([b * rescale, torch.zeros(b.shape[0], new_rank - old_rank, dtype=b.dtype)], dim=1)
         dropped = 0.0
-        kept = torch.arange(old_rank) if old_rank else None  # from rank 0 there is no state to carry
-    elif shrink == "drop" and new_rank:  # keep the pairs that cost least, as they are; refit B on them
-        kept, refit = least_costly_pairs(b, a, new_rank)
-        new_a, new_b = a[kept], refit * rescale
-        dropped = float(old_scale**2 * (b @ a - refit @ new_a).square().sum())
     else:  # shrink: re-factor and keep the top singular directions
         left, sigma, right = factorize(b, a)
         new_a = row_norm * right[:, :new_rank].T
         new_b = left[:, :new_rank] * sigma[:new_rank] * (rescale / row_norm)
         dropped = float(old_scale**2 * sigma[new_rank:].square().sum())
-        kept = None  # a change of basis: no state to carry
 
     layer.lora_A[ADAPTER] = _linear(new_a, weight_a)
     layer.lora_B[ADAPTER] = _linear(new_b, weight_b)
     if optimizer is not None:
-        carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, kept, axis=0)
-        carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, kept, axis=1, factor=1 / rescale)
+        grown = new_rank > old_rank > 0  # from rank 0 there is no state to carry: fresh moments and the LR ramp
+        carry_state(optimizer, weight_a, layer.lora_A[ADAPTER].weight, axis=0 if grown else None)
+        carry_state(optimizer, weight_b, layer.lora_B[ADAPTER].weight, axis=1 if grown else None, factor=1 / rescale)
     set_rank(layer, new_rank)
     return ResizeResult(name, old_rank, new_rank, dropped)
 
 
 def carry_state(
-    optimizer: torch.optim.Optimizer,
-    old: nn.Parameter,
-    new: nn.Parameter,
-    kept: torch.Tensor | None,
-    axis: int,
-    factor: float = 1.0,
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int | None, factor: float = 1.0
 ) -> None:
     """Hand `old`'s place in the optimizer to `new`.
 
-    `kept` given (a grown factor, or one that dropped pairs): `new` holds old's entries `kept` along `axis` first,
-    then any appended ones; it takes `old`'s slot in its param group and its state, with the kept entries' Adam
-    moments carried (times `factor`, the ratio of new to old gradients when the factor was rescaled; squared for
-    second moments); appended entries get a zero first moment and the tensor's mean second moment, so their first
-    steps are ordinary-sized (neither the 3x jump of an unbiased fresh moment nor a frozen one). `kept` None (a
-    re-factored factor, or one from or to rank 0): `old` simply leaves the optimizer.
+    `axis` given (a grown factor: `new` is `old` with entries appended along `axis`): `new` takes `old`'s slot in
+    its param group and its state, with the old entries' Adam moments kept (times `factor`, the ratio of new to old
+    gradients when the factor was rescaled; squared for second moments); appended entries get a zero first
+    moment and the tensor's mean second moment, so their first steps are ordinary-sized (neither the 3x jump of
+    an unbiased fresh moment nor a frozen one). `axis` None (a re-factored factor): `old` simply leaves the optimizer.
     """
     base = unwrap_optimizer(optimizer)
     state = base.state.pop(old, None)
     for group in base.param_groups:
         for index, parameter in enumerate(group["params"]):
             if parameter is old:
-                if kept is None:
+                if axis is None:
                     del group["params"][index]
                 else:
                     group["params"][index] = new
                 break
-    if kept is None or not state:
+    if axis is None or not state:
         return
+    block = tuple(slice(0, size) for size in old.shape)
     carried = {}
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == old.shape:
             second = key.endswith("exp_avg_sq")
-            value = value.index_select(axis, kept.to(value.device)) * (factor**2 if second else factor)
-            moved = torch.full_like(new, float(value.mean()) if second else 0.0)
-            moved.narrow(axis, 0, len(kept)).copy_(value)
-            carried[key] = moved
+            value = value * (factor**2 if second else factor)
+            grown = torch.full_like(new, float(value.mean()) if second else 0.0)
+            grown[block] = value
+            carried[key] = grown
         else:
             carried[key] = value
     base.state[new] = carried
@@ -224,7 +180,6 @@ def apply_allocation(
     allocation: Allocation,
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    shrink: str = "refactor",
 ) -> list[ResizeResult]:
     """Resize every LoRA layer whose rank differs from `allocation`, and record the ranks in the PEFT config so the
     saved adapter reloads with exactly these shapes."""
@@ -232,7 +187,7 @@ def apply_allocation(
     results = []
     for name, rank in allocation.ranks.items():
         if layers[name].r[ADAPTER] != rank:
-            results.append(resize_layer(layers[name], name, rank, generator, optimizer, shrink))
+            results.append(resize_layer(layers[name], name, rank, generator, optimizer))
     config = model.peft_config[ADAPTER]
     config.rank_pattern, config.alpha_pattern = lora_patterns(
         allocation.ranks, config.lora_alpha, config.r, config.use_rslora

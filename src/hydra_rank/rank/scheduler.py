@@ -320,7 +320,7 @@ class HydraScheduler:
 
         new = _agree(new)
         tick = time.perf_counter()
-        resized = apply_allocation(self.model, new, self.generator, self.optimizer, self.config.shrink)
+        resized = apply_allocation(self.model, new, self.generator, self.optimizer)
         self.seconds["resize"] += time.perf_counter() - tick
         if self.probe is not None:
             self.probe.start()
