@@ -43,6 +43,17 @@ $BENCH configs/text-tasks.yaml --methods lora,hydra --lrs 5e-4,1e-3,2e-3 --seeds
 # one line per cell, each judged by the bar its task's rank sensitivity sets: runs/bench/matrix.md, matrix.json
 .venv/bin/hydra-rank matrix runs/bench/{scenes,text-tasks,tiny-hydra}-r{2,4,8} runs/bench/text-tasks-r32 \
   --output-dir runs/bench
+# the text task, the one capacity-sensitive task, at five paired seeds: the same commands with seeds 3 and 4 added
+# reuse the sweeps and seeds 0-2 (BENCHMARKS.md, "Twenty-seventh session"; benchmarks/results/matrix-seeds5/)
+for rank in 2 4 8; do
+  $BENCH configs/text-tasks.yaml --methods lora,hydra --lrs $LRS --seeds 0,1,2,3,4 --jobs 2 \
+    --set data.validation_samples=300 --set adapter.rank=$rank --set adapter.alpha=$((2 * rank)) \
+    --output-dir "runs/bench/text-tasks-r$rank"
+done
+$BENCH configs/text-tasks.yaml --methods lora,hydra --lrs 5e-4,1e-3,2e-3 --seeds 0,1,2,3,4 --jobs 2 \
+  --set adapter.rank=32 --set adapter.alpha=64 --output-dir runs/bench/text-tasks-r32
+.venv/bin/hydra-rank matrix runs/bench/{scenes,tiny-hydra}-r{2,4,8} runs/bench/text-tasks-r{2,4,8,32} \
+  --output-dir runs/bench/matrix-seeds5
 # where the decisions take rank from, and how often they undo a move (no training)
 .venv/bin/python benchmarks/decision_churn.py runs/bench/{scenes,text-tasks,tiny-hydra}-r{2,4,8} \
   --output-dir runs/bench/decision-churn
